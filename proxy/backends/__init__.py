@@ -1,0 +1,1 @@
+"""Backend connections: connect, TLS, startup and authentication, then the reply relay."""

@@ -1,0 +1,1 @@
+"""Per-client orchestration: the only layer that combines wire, routing and backends."""

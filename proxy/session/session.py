@@ -1,0 +1,270 @@
+"""One client session: handshake, then the relay between the client and its backend connection."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import ssl
+from dataclasses import dataclass
+
+from proxy.backends.connection import BackendConnection, BackendSink
+from proxy.config import Config
+from proxy.errors import (
+    AdminShutdown,
+    BackendRejected,
+    BackendUnavailable,
+    FeatureNotSupported,
+    PgShiftError,
+    ProtocolViolation,
+)
+from proxy.session.client import ClientConnection, ClientGone
+from proxy.session.handshake import ScramKeys, authenticate, read_startup
+from proxy.session.registry import SessionRegistry
+from proxy.wire.codes import FrontendCode, TxStatus
+from proxy.wire.messages import AUTH_OK, BackendKeyData, CancelRequest, ErrorResponse, ParameterStatus, ReadyForQuery
+
+log = logging.getLogger(__name__)
+
+_TERMINATE = FrontendCode.TERMINATE.value
+_IDLE = TxStatus.IDLE.value
+
+
+class SessionState(enum.Enum):
+    HANDSHAKE = "handshake"  # TLS, startup packet, client auth, backend login
+    RELAY = "relay"  # requests and replies flow
+    DRAINING = "draining"  # shutdown: finish what runs, then FATAL 57P01
+    CLOSED = "closed"
+
+
+_TRANSITIONS = {
+    SessionState.HANDSHAKE: {SessionState.RELAY, SessionState.CLOSED},
+    SessionState.RELAY: {SessionState.DRAINING, SessionState.CLOSED},
+    SessionState.DRAINING: {SessionState.CLOSED},
+    SessionState.CLOSED: set(),
+}
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """What every session of one server shares; swapped whole, never mutated."""
+
+    config: Config
+    registry: SessionRegistry
+    tls: ssl.SSLContext | None
+
+
+class Session(BackendSink):
+    def __init__(self, ctx: SessionContext, client: ClientConnection) -> None:
+        self.ctx = ctx
+        self.client = client
+        self.state = SessionState.HANDSHAKE
+        self.backend: BackendConnection | None = None
+        self.cancel_key: tuple[int, int] | None = None
+        self.user = ""
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def _to(self, state: SessionState) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise AssertionError(f"session state {self.state.value} -> {state.value} is not allowed")
+        self.state = state
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        registry = self.ctx.registry
+        registry.add(self)
+        try:
+            await self._handshake()
+            if self.state is SessionState.RELAY:
+                await self._done
+        except ClientGone:
+            log.debug("client %s left during startup", self.client.peer)
+        except BackendRejected as exc:
+            self.client.write(ErrorResponse(exc.fields).encode())
+        except PgShiftError as exc:
+            log.info("session %s (user %r): %s", self.client.peer, self.user, exc.message)
+            self.client.send_error(exc)
+        except TimeoutError:
+            log.info("client %s did not finish startup in time; closing", self.client.peer)
+        except asyncio.CancelledError:
+            self.client.send_error(AdminShutdown())
+            raise
+        except Exception:
+            # A bug must end only this session, never the proxy (and never silently).
+            log.exception("session %s failed", self.client.peer)
+            self.client.send_error(PgShiftError("pgshift internal error; see the proxy log"))
+        finally:
+            self._close()
+            registry.remove(self)
+
+    async def _handshake(self) -> None:
+        config = self.ctx.config
+        async with asyncio.timeout(config.proxy.auth_timeout):
+            startup = await read_startup(self.client, self.ctx.tls, config.listen.tls_required)
+            if isinstance(startup, CancelRequest):
+                await self._forward_cancel(startup)
+                return
+            params = startup.params
+            self.user = params["user"]
+            if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
+                raise FeatureNotSupported(
+                    "pgshift does not proxy replication connections",
+                    hint="Point replication and CDC tools at the database itself.",
+                )
+            keys = await authenticate(self.client, self.user, config.auth.for_user(self.user))
+            self.backend = await self._open_backend(params, keys)
+        self._greet(self.backend)
+        self._start_relay(self.backend)
+
+    async def _open_backend(self, client_params: dict[str, str], keys: ScramKeys | None) -> BackendConnection:
+        name, backend = self.ctx.config.primary
+        address = backend.address
+        params = dict(client_params)
+        # A DSN that pins user/dbname maps every client to them (service-account mode).
+        if address.user:
+            params["user"] = address.user
+        if address.dbname:
+            params["database"] = address.dbname
+        scram = (keys.client_key, keys.server_key) if keys and params["user"] == self.user else None
+        return await BackendConnection.open(
+            name,
+            address,
+            params,
+            password=address.password,
+            scram_keys=scram,
+            max_message_size=self.ctx.config.proxy.max_message_size,
+        )
+
+    def _greet(self, backend: BackendConnection) -> None:
+        """The client sees one server: the primary's parameters, its real pid, our secret."""
+        result = backend.startup
+        assert result is not None
+        pid = result.key.pid if result.key else 0
+        secret = self.ctx.registry.issue_key(self, pid)
+        out = [AUTH_OK, *result.notices]
+        out.extend(ParameterStatus(k, v).encode() for k, v in result.parameters.items())
+        out.append(BackendKeyData(pid, secret).encode())
+        out.append(ReadyForQuery(TxStatus(result.tx_status)).encode())
+        self.client.write(b"".join(out))
+
+    def _start_relay(self, backend: BackendConnection) -> None:
+        self._to(SessionState.RELAY)
+        early = backend.attach(self)
+        if early:
+            self.client.write(early)
+        client = self.client
+        client.on_lost = self._client_lost
+        client.on_write_paused = self._client_write_paused
+        unread = client.take_unread()
+        client.on_data = self._client_data
+        if unread:
+            self._client_data(unread)
+        if client.closed:
+            self._finish()
+
+    async def _forward_cancel(self, request: CancelRequest) -> None:
+        target = self.ctx.registry.by_key(request.pid, request.secret)
+        if target is None:
+            log.info("cancel request with an unknown key from %s ignored", self.client.peer)
+            return
+        await target.cancel_running()
+
+    async def cancel_running(self) -> None:
+        """Cancel whatever this session's backend is running (a no-op when it is idle)."""
+        if self.backend is not None and not self.backend.scanner.idle:
+            await self.backend.cancel()
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting: idle sessions end now, busy ones when their request is answered."""
+        if self.state is SessionState.RELAY:
+            self._to(SessionState.DRAINING)
+            self._end_if_drained()
+        elif self.state is SessionState.HANDSHAKE:
+            self.client.send_error(AdminShutdown())
+            self._finish()
+            self.client.close()
+
+    def force_close(self) -> None:
+        if self.state is not SessionState.CLOSED:
+            self.client.send_error(AdminShutdown())
+            self._finish()
+
+    def _end_if_drained(self) -> None:
+        backend = self.backend
+        if backend is None or (backend.scanner.idle and backend.scanner.tx_status == _IDLE):
+            self.client.send_error(AdminShutdown())
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def _close(self) -> None:
+        if self.state is not SessionState.CLOSED:
+            self._to(SessionState.CLOSED)
+        if self.backend is not None:
+            self.backend.terminate()
+        self.client.close()
+
+    # --- relay (callbacks: the hot path) ---------------------------------------------------------
+
+    def _client_data(self, data: bytes) -> None:
+        try:
+            buf, frames = self.client.reader.feed(data)
+        except ProtocolViolation as exc:
+            self.client.send_error(exc)
+            self._finish()
+            return
+        if not frames:
+            return
+        backend = self.backend
+        assert backend is not None
+        push = backend.expected.push_frontend
+        for code, start, _end in frames:
+            if code == _TERMINATE:
+                if start:
+                    backend.send(buf[:start])
+                self._finish()
+                return
+            push(code)
+        backend.send(buf)
+
+    def backend_data(self, data: bytes) -> None:
+        if data:
+            self.client.write(data)
+        if self.state is SessionState.DRAINING:
+            self._end_if_drained()
+
+    def backend_lost(self, conn: BackendConnection, exc: BaseException | None) -> None:
+        if self.state is SessionState.CLOSED or self._done.done():
+            return
+        detail = str(exc) if exc else None
+        log.warning('session %s: backend "%s" closed the connection (%s)', self.client.peer, conn.name, detail)
+        self.client.send_error(
+            BackendUnavailable(
+                f'server closed the connection unexpectedly: backend "{conn.name}" ({conn.address.label()}) '
+                "ended the session",
+                detail=detail,
+            )
+        )
+        self._finish()
+
+    def _client_lost(self) -> None:
+        self._finish()
+
+    def _client_write_paused(self, paused: bool) -> None:
+        # The client reads slower than the backend answers: stop reading the backend so the
+        # kernel buffers fill and Postgres waits, instead of proxy memory growing.
+        if self.backend is not None:
+            if paused:
+                self.backend.pause_reading()
+            else:
+                self.backend.resume_reading()
+
+    def backend_write_paused(self, paused: bool) -> None:
+        # The backend reads slower than the client sends (a big COPY FROM): stop reading the client.
+        if paused:
+            self.client.pause_reading()
+        else:
+            self.client.resume_reading()

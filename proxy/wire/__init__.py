@@ -1,0 +1,1 @@
+"""Sans-IO Postgres v3 protocol codec: framing, messages, startup and authentication."""
