@@ -1,0 +1,424 @@
+"""pgbench through pgshift vs PgBouncer vs direct, in one run, on one throw-away cluster."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Run as `python bench/run.py` from a checkout: make `proxy` importable without installing it.
+sys.path.insert(0, str(REPO_ROOT))
+
+from proxy.errors import ClusterError  # noqa: E402
+from proxy.localpg import LocalCluster, create_cluster, free_port  # noqa: E402
+
+TARGETS = ("direct", "pgbouncer", "pgshift")
+MODES = ("simple", "extended", "prepared")
+STARTUP_TIMEOUT = 20.0
+
+_TPS_RE = re.compile(r"^tps = ([0-9.]+) \((?:without|excluding)", re.MULTILINE)
+_LAT_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE)
+
+
+@dataclass
+class Result:
+    mode: str
+    clients: int
+    target: str
+    tps: float | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+# --- helpers ---
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def client_env() -> dict[str, str]:
+    # Inherited PGHOST/PGSSLMODE/... must not change what we measure.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGCONNECT_TIMEOUT"] = "10"
+    return env
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT) -> bool:
+    """True once 127.0.0.1:port accepts connections; False if proc exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group (runuser + its child), then SIGKILL after a grace period."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def read_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def make_workdir() -> Path:
+    # Under /tmp (every parent traversable) and later chowned to the cluster's OS user:
+    # PgBouncer refuses to run as root and writes its log and pid file here.
+    workdir = Path(tempfile.mkdtemp(prefix="pgshift-bench-", dir="/tmp"))
+    workdir.chmod(0o755)
+    return workdir
+
+
+def chown_to(path: Path, os_user: str | None) -> None:
+    if os_user is None:
+        return
+    entry = pwd.getpwnam(os_user)
+    for item in (path, *path.rglob("*")):
+        os.chown(item, entry.pw_uid, entry.pw_gid)
+
+
+# --- targets ---
+
+
+@contextlib.contextmanager
+def pgbouncer(cluster: LocalCluster, workdir: Path, pool_size: int) -> Iterator[tuple[int | None, str]]:
+    """Yield (port, "") with PgBouncer running in session mode, or (None, reason)."""
+    binary = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
+    if binary is None:
+        yield None, "pgbouncer not installed"
+        return
+    bdir = workdir / "pgbouncer"
+    bdir.mkdir()
+    port = free_port()
+    (bdir / "userlist.txt").write_text('"postgres" ""\n')
+    (bdir / "pgbouncer.ini").write_text(
+        "\n".join(
+            [
+                "[databases]",
+                f"postgres = host=127.0.0.1 port={cluster.port} dbname=postgres",
+                "",
+                "[pgbouncer]",
+                "listen_addr = 127.0.0.1",
+                f"listen_port = {port}",
+                f"unix_socket_dir = {bdir}",
+                "pool_mode = session",
+                # trust still needs the user listed in auth_file.
+                "auth_type = trust",
+                f"auth_file = {bdir / 'userlist.txt'}",
+                f"default_pool_size = {pool_size}",
+                f"max_client_conn = {max(100, pool_size)}",
+                f"logfile = {bdir / 'pgbouncer.log'}",
+                f"pidfile = {bdir / 'pgbouncer.pid'}",
+                "",
+            ]
+        )
+    )
+    chown_to(workdir, cluster.os_user)
+    stderr_path = bdir / "stderr.log"
+    with stderr_path.open("wb") as stderr:
+        # Own session: Ctrl-C in the terminal reaches only us, and we stop it in order.
+        proc = subprocess.Popen(
+            cluster.as_os_user([binary, str(bdir / "pgbouncer.ini")]),
+            cwd=bdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        if wait_for_port(port, proc):
+            yield port, ""
+        else:
+            reason = read_tail(stderr_path) or read_tail(bdir / "pgbouncer.log")
+            yield None, f"pgbouncer did not start: {reason}"
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def pgshift(cluster: LocalCluster, workdir: Path) -> Iterator[tuple[int | None, str]]:
+    """Yield (port, "") with `python -m proxy serve` running, or (None, reason)."""
+    sdir = workdir / "pgshift"
+    sdir.mkdir()
+    port = free_port()
+    config = sdir / "pgshift.toml"
+    config.write_text(
+        "[listen]\n"
+        'host = "127.0.0.1"\n'
+        f"port = {port}\n"
+        "\n"
+        "[backends.main]\n"
+        f'dsn = "postgresql://127.0.0.1:{cluster.port}"\n'
+        "\n"
+        "[routing]\n"
+        'primary = "main"\n'
+    )
+    stderr_path = sdir / "stderr.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    with stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        if wait_for_port(port, proc):
+            yield port, ""
+        else:
+            state = "exited" if proc.poll() is not None else f"no listener after {STARTUP_TIMEOUT:.0f}s"
+            yield None, f"pgshift did not start ({state}): {read_tail(stderr_path).strip()}"
+    finally:
+        stop_process(proc)
+
+
+# --- measuring ---
+
+
+def run_pgbench(port: int, mode: str, clients: int, seconds: int) -> tuple[float, float]:
+    argv = ["pgbench", "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2))]
+    argv += ["-T", str(seconds), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=client_env(), timeout=seconds + 120, check=False)
+    tps, lat = _TPS_RE.search(proc.stdout), _LAT_RE.search(proc.stdout)
+    if proc.returncode != 0 or tps is None or lat is None:
+        raise RuntimeError(f"pgbench exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return float(tps.group(1)), float(lat.group(1))
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Hardware", "cpu model"):
+                cpu = value.strip()
+                break
+
+    def version(argv: Sequence[str]) -> str:
+        try:
+            out = subprocess.run(list(argv), capture_output=True, text=True, check=False).stdout
+        except OSError:
+            return "n/a"
+        return out.splitlines()[0].strip() if out else "n/a"
+
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": platform.machine(),
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "pgbench": version(["pgbench", "--version"]),
+        "pgbouncer": version([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", "--version"]),
+    }
+
+
+# --- reporting ---
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _added_us(lat: float | None, base: float | None) -> float | None:
+    return None if lat is None or base is None else (lat - base) * 1000.0
+
+
+def table_rows(results: list[Result], modes: Sequence[str], clients: Sequence[int]) -> list[list[str]]:
+    by_key = {(r.mode, r.clients, r.target): r for r in results}
+    rows = []
+    for mode in modes:
+        for c in clients:
+            cell = {t: by_key.get((mode, c, t)) or Result(mode, c, t) for t in TARGETS}
+            tps = {t: cell[t].tps for t in TARGETS}
+            lat = {t: cell[t].latency_ms for t in TARGETS}
+            rows.append(
+                [mode, str(c)]
+                + [_fmt(tps[t], ".0f") for t in TARGETS]
+                + [_fmt(lat[t], ".3f") for t in TARGETS]
+                + [
+                    _fmt(_ratio(tps["pgshift"], tps["pgbouncer"]), ".2f"),
+                    _fmt(_ratio(tps["pgshift"], tps["direct"]), ".2f"),
+                    _fmt(_added_us(lat["pgbouncer"], lat["direct"]), "+.0f"),
+                    _fmt(_added_us(lat["pgshift"], lat["direct"]), "+.0f"),
+                ]
+            )
+    return rows
+
+
+HEADERS = [
+    "mode", "clients",
+    "tps direct", "tps pgbouncer", "tps pgshift",
+    "lat direct ms", "lat pgbouncer ms", "lat pgshift ms",
+    "pgshift/pgbouncer", "pgshift/direct",
+    "+µs pgbouncer", "+µs pgshift",
+]  # fmt: skip
+
+
+def render_text(rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADERS)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(HEADERS, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(rows: list[list[str]], info: dict[str, str], args: argparse.Namespace) -> str:
+    lines = [
+        f"pgbench -S (select-only), {args.seconds}s per cell, scale {args.scale}; "
+        f"{info['date']}, {info['machine']}, {info['nproc']} CPUs ({info['cpu']}).",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(HEADERS) - 2)) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- main ---
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=10, help="pgbench -T per cell (default 10)")
+    parser.add_argument("--clients", default="1,8", help="comma-separated client counts (default 1,8)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated pgbench -M modes")
+    parser.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
+    parser.add_argument("--json", action="store_true", help="print results as JSON instead of tables")
+    args = parser.parse_args(argv)
+    try:
+        args.client_list = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        parser.error("--clients must be comma-separated integers")
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.client_list or min(args.client_list) < 1:
+        parser.error("--clients needs at least one positive integer")
+    if unknown := set(args.mode_list) - set(MODES):
+        parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    return args
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM/SIGHUP into SystemExit so every `finally`/context manager cleans up.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    info = machine_info()
+    results: list[Result] = []
+
+    with contextlib.ExitStack() as stack:
+        log("creating cluster ...")
+        try:
+            cluster = stack.enter_context(create_cluster("bench"))
+        except ClusterError as exc:
+            log(f"cluster failed: {exc}\n{exc.detail or ''}")
+            return 1
+        info["postgres"] = cluster.psql("SHOW server_version").strip()
+        log(f"pgbench -i -s {args.scale} ...")
+        init_argv = ["pgbench", "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(cluster.port)]
+        init = subprocess.run(
+            [*init_argv, "-U", "postgres", "postgres"],
+            capture_output=True,
+            text=True,
+            env=client_env(),
+            check=False,
+        )
+        if init.returncode != 0:
+            log(f"pgbench -i failed:\n{init.stderr}")
+            return 1
+
+        workdir = make_workdir()
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        ports: dict[str, int | None] = {"direct": cluster.port}
+        errors: dict[str, str] = {}
+        for target, manager in (
+            ("pgbouncer", pgbouncer(cluster, workdir, max(args.client_list))),
+            ("pgshift", pgshift(cluster, workdir)),
+        ):
+            port, why = stack.enter_context(manager)
+            ports[target] = port
+            if port is None:
+                errors[target] = why
+                log(why)
+
+        cells = [(m, c) for m in args.mode_list for c in args.client_list]
+        for n, (mode, clients) in enumerate(cells, 1):
+            # Targets back to back within each cell, so drift (thermal, noisy neighbours) hits all.
+            for target in TARGETS:
+                result = Result(mode, clients, target)
+                port = ports[target]
+                if port is None:
+                    result.error = errors[target]
+                else:
+                    try:
+                        result.tps, result.latency_ms = run_pgbench(port, mode, clients, args.seconds)
+                        log(f"[{n}/{len(cells)}] {mode:<8} c={clients:<3} {target:<9} {result.tps:10.0f} tps")
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        result.error = str(exc)
+                        log(f"[{n}/{len(cells)}] {mode:<8} c={clients:<3} {target:<9} FAILED: {exc}")
+                results.append(result)
+
+    rows = table_rows(results, args.mode_list, args.client_list)
+    if args.json:
+        print(json.dumps({"info": info, "args": vars(args), "results": [asdict(r) for r in results]}, indent=2))
+        return 0
+    print("\n".join(f"{k}: {v}" for k, v in info.items()))
+    print()
+    print(render_text(rows))
+    print()
+    print(render_markdown(rows, info, args))
+    for target, why in errors.items():
+        print(f"\nnote: {target} not measured: {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; cleaned up")
+        sys.exit(130)

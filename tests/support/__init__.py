@@ -1,0 +1,1 @@
+"""Test support: the proxy run in a thread, and a TCP fault relay."""
