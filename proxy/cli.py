@@ -51,7 +51,7 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
-    return run_demo(port=args.port)
+    return run_demo(args.port, proxy=not args.no_proxy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start two throw-away clusters with sample data and the proxy in front")
     demo.add_argument("--port", type=int, default=6432, help="proxy port (default 6432)")
+    demo.add_argument(
+        "--no-proxy", action="store_true", help="start only the clusters (for `serve --config config.toml`)"
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -1,0 +1,121 @@
+"""`pgshift demo`: two throw-away clusters with a car-marketplace sample, and the proxy in front."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import subprocess
+from importlib import resources
+from typing import Any
+
+from proxy.config import parse_config
+from proxy.errors import ClusterError
+from proxy.localpg import LocalCluster, create_cluster
+
+log = logging.getLogger(__name__)
+
+# Fixed ports so that the repository's config.toml points at the demo clusters.
+OLD_PORT = 54321
+NEW_PORT = 54322
+
+
+def demo_config(proxy_port: int, old_port: int = OLD_PORT, new_port: int = NEW_PORT) -> dict[str, Any]:
+    """The configuration config.toml spells out: clients' users and databases pass through."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": proxy_port},
+        "backends": {
+            "old": {"dsn": f"postgresql://127.0.0.1:{old_port}?sslmode=disable"},
+            "new": {"dsn": f"postgresql://127.0.0.1:{new_port}?sslmode=disable"},
+        },
+        "routing": {"primary": "old"},
+    }
+
+
+def start_clusters(old_port: int = OLD_PORT, new_port: int = NEW_PORT) -> tuple[LocalCluster, LocalCluster]:
+    """old: schema and data; new: the same schema, empty (phase 0, "shadow", of a migration)."""
+    old = create_cluster("old", port=old_port)
+    try:
+        new = create_cluster("new", port=new_port)
+    except BaseException:
+        old.destroy()
+        raise
+    try:
+        sql = resources.files("proxy.demo").joinpath("marketplace.sql").read_text()
+        for cluster in (old, new):
+            cluster.psql("create database marketplace")
+        old.psql(sql, dbname="marketplace")
+        schema = subprocess.run(
+            [
+                str(old.bindir / "pg_dump"),
+                "--schema-only",
+                "--no-owner",
+                "-h",
+                old.host,
+                "-p",
+                str(old.port),
+                "-U",
+                "postgres",
+                "marketplace",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if schema.returncode != 0:
+            raise ClusterError("pg_dump of the demo schema failed", detail=schema.stderr)
+        new.psql(schema.stdout, dbname="marketplace")
+    except BaseException:
+        new.destroy()
+        old.destroy()
+        raise
+    return old, new
+
+
+def _banner(proxy_port: int, old: LocalCluster, new: LocalCluster) -> str:
+    dsn = f"postgresql://postgres@127.0.0.1:{proxy_port}/marketplace"
+    return f"""
+pgshift demo is running.
+
+  proxy      {dsn}
+  old (primary)  {old.dsn(dbname="marketplace")}
+  new            {new.dsn(dbname="marketplace")}
+
+Try:
+  psql "{dsn}" -c "select c.name, count(*) from listings l join vehicles v on v.id = l.vehicle_id \\
+      join categories c on c.id = v.category_id group by 1 order by 2 desc limit 5"
+  pgbench -n -S -T 5 -c 4 "{dsn}"        (after: pgbench -i "{dsn}")
+  psql "{dsn}" -c "select pg_backend_pid(), current_user, inet_server_port()"
+
+Ctrl-C stops the proxy and removes both clusters.
+"""
+
+
+def run_demo(port: int, *, proxy: bool = True) -> int:
+    from proxy.app import run, serve
+
+    print("starting two throw-away Postgres clusters (old, new) and loading the sample ...", flush=True)
+    old, new = start_clusters()
+    try:
+        config = parse_config(demo_config(port), "demo config")
+        if not proxy:
+            print(_banner(port, old, new).replace("pgshift demo is running.", "Clusters are up (no proxy)."))
+            print("Run `pgshift serve --config config.toml` in another terminal; Ctrl-C here to stop.")
+            # SIGTERM ends the wait like Ctrl-C, so the clusters are removed either way.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+            return 0
+
+        def ready(_server: object) -> None:
+            print(_banner(port, old, new), flush=True)
+
+        run(serve(config, on_ready=ready))
+        return 0
+    finally:
+        print("removing the demo clusters ...", flush=True)
+        new.destroy()
+        old.destroy()
+
+
+__all__ = ["NEW_PORT", "OLD_PORT", "demo_config", "run_demo", "start_clusters"]

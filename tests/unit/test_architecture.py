@@ -1,0 +1,75 @@
+"""The layer table of DESIGN.md §2, enforced: an import arrow points only downward."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2] / "proxy"
+
+# Which top-level parts of `proxy` each part may import (itself always allowed).
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "config": {"errors"},
+    "localpg": {"errors"},
+    "observability": {"errors", "config"},
+    "wire": {"errors"},
+    "sql": {"errors", "config"},
+    "routing": {"errors", "config", "sql"},
+    "backends": {"errors", "config", "wire", "observability"},
+    "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability"},
+    "server": {"errors", "config", "session", "observability"},
+    "app": {"errors", "config", "server", "observability"},
+    "demo": {"errors", "config", "localpg", "app"},
+    "cli": {"errors", "config", "app", "demo", "wire", "localpg"},
+    "__main__": {"cli"},
+    "__init__": set(),
+}
+# Foreign modules that must never appear in a layer (sans-IO codec; pure routing decisions).
+FORBIDDEN: dict[str, set[str]] = {
+    "wire": {"asyncio", "socket", "ssl", "selectors", "pglast", "httpx", "asyncpg", "uvloop"},
+    "routing": {"asyncio", "socket", "ssl", "pglast", "httpx", "asyncpg"},
+    "sql": {"asyncio", "socket", "httpx", "asyncpg"},
+}
+
+
+def _part(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+MODULES = sorted(ROOT.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_layering(path: Path) -> None:
+    part = _part(path)
+    assert part in ALLOWED, f"{path}: new top-level part {part!r}; add it to the layer table"
+    for name in _imports(path):
+        top = name.split(".")[0]
+        if top == "proxy":
+            target = name.split(".")[1] if "." in name else "__init__"
+            assert target in (part, "__init__") or target in ALLOWED[part], (
+                f"{path}: {part} must not import proxy.{target}"
+            )
+        else:
+            assert top not in FORBIDDEN.get(part, set()), f"{path}: {part} must not use {top}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_module_has_purpose_line(path: Path) -> None:
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    assert doc, f"{path} has no docstring stating its purpose"
