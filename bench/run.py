@@ -44,6 +44,7 @@ class Result:
     target: str
     tps: float | None = None
     latency_ms: float | None = None
+    cpu_us_per_tx: float | None = None  # the proxy process's own CPU time per transaction
     error: str | None = None
 
 
@@ -160,6 +161,7 @@ def pgbouncer(cluster: LocalCluster, workdir: Path, pool_size: int) -> Iterator[
         )
     try:
         if wait_for_port(port, proc):
+            PIDS["pgbouncer"] = _pgbouncer_pid(bdir / "pgbouncer.pid", proc)
             yield port, ""
         else:
             reason = read_tail(stderr_path) or read_tail(bdir / "pgbouncer.log")
@@ -201,6 +203,7 @@ def pgshift(cluster: LocalCluster, workdir: Path) -> Iterator[tuple[int | None, 
         )
     try:
         if wait_for_port(port, proc):
+            PIDS["pgshift"] = proc.pid
             yield port, ""
         else:
             state = "exited" if proc.poll() is not None else f"no listener after {STARTUP_TIMEOUT:.0f}s"
@@ -210,6 +213,29 @@ def pgshift(cluster: LocalCluster, workdir: Path) -> Iterator[tuple[int | None, 
 
 
 # --- measuring ---
+
+# Process ids of the proxies under test, for their CPU time per transaction (what limits a proxy
+# on a small machine is the CPU it takes away from Postgres and pgbench).
+PIDS: dict[str, int] = {}
+
+
+def _pgbouncer_pid(pidfile: Path, proc: subprocess.Popen[bytes]) -> int:
+    for _ in range(50):
+        with contextlib.suppress(OSError, ValueError):
+            return int(pidfile.read_text().strip())
+        time.sleep(0.1)
+    return proc.pid
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime are fields 14 and 15 of stat(5); here shifted by the two we split off.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_pgbench(port: int, mode: str, clients: int, seconds: int) -> tuple[float, float]:
@@ -272,6 +298,7 @@ def table_rows(results: list[Result], modes: Sequence[str], clients: Sequence[in
             cell = {t: by_key.get((mode, c, t)) or Result(mode, c, t) for t in TARGETS}
             tps = {t: cell[t].tps for t in TARGETS}
             lat = {t: cell[t].latency_ms for t in TARGETS}
+            cpu = {t: cell[t].cpu_us_per_tx for t in ("pgbouncer", "pgshift")}
             rows.append(
                 [mode, str(c)]
                 + [_fmt(tps[t], ".0f") for t in TARGETS]
@@ -281,6 +308,8 @@ def table_rows(results: list[Result], modes: Sequence[str], clients: Sequence[in
                     _fmt(_ratio(tps["pgshift"], tps["direct"]), ".2f"),
                     _fmt(_added_us(lat["pgbouncer"], lat["direct"]), "+.0f"),
                     _fmt(_added_us(lat["pgshift"], lat["direct"]), "+.0f"),
+                    _fmt(cpu["pgbouncer"], ".1f"),
+                    _fmt(cpu["pgshift"], ".1f"),
                 ]
             )
     return rows
@@ -292,6 +321,7 @@ HEADERS = [
     "lat direct ms", "lat pgbouncer ms", "lat pgshift ms",
     "pgshift/pgbouncer", "pgshift/direct",
     "+µs pgbouncer", "+µs pgshift",
+    "cpu µs/tx pgbouncer", "cpu µs/tx pgshift",
 ]  # fmt: skip
 
 
@@ -395,7 +425,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result.error = errors[target]
                 else:
                     try:
+                        before = cpu_seconds(PIDS.get(target))
                         result.tps, result.latency_ms = run_pgbench(port, mode, clients, args.seconds)
+                        after = cpu_seconds(PIDS.get(target))
+                        if before is not None and after is not None and result.tps:
+                            result.cpu_us_per_tx = (after - before) * 1e6 / (result.tps * args.seconds)
                         log(f"[{n}/{len(cells)}] {mode:<8} c={clients:<3} {target:<9} {result.tps:10.0f} tps")
                     except (RuntimeError, subprocess.TimeoutExpired) as exc:
                         result.error = str(exc)

@@ -8,6 +8,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from proxy.backends import pgpass
 from proxy.config import BackendAddress
@@ -212,8 +213,8 @@ class BackendConnection(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:

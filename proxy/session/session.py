@@ -6,6 +6,7 @@ import asyncio
 import enum
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.backends.connection import BackendConnection, BackendSink
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 
 _TERMINATE = FrontendCode.TERMINATE.value
 _IDLE = TxStatus.IDLE.value
+
+
+def _discard(_data: bytes) -> None:
+    """Write target of a side that is gone (or not connected yet)."""
 
 
 class SessionState(enum.Enum):
@@ -62,6 +67,9 @@ class Session(BackendSink):
         self.backend: BackendConnection | None = None
         self.cancel_key: tuple[int, int] | None = None
         self.user = ""
+        # Bound transport writes, cached once relaying starts (the hot path calls them directly).
+        self._to_backend: Callable[[bytes], object] = _discard
+        self._to_client: Callable[[bytes], object] = _discard
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def _to(self, state: SessionState) -> None:
@@ -150,10 +158,13 @@ class Session(BackendSink):
 
     def _start_relay(self, backend: BackendConnection) -> None:
         self._to(SessionState.RELAY)
+        client = self.client
+        assert client.transport is not None and backend.transport is not None
+        self._to_client = client.transport.write
+        self._to_backend = backend.transport.write
         early = backend.attach(self)
         if early:
-            self.client.write(early)
-        client = self.client
+            self._to_client(early)
         client.on_lost = self._client_lost
         client.on_write_paused = self._client_write_paused
         unread = client.take_unread()
@@ -203,6 +214,7 @@ class Session(BackendSink):
     def _close(self) -> None:
         if self.state is not SessionState.CLOSED:
             self._to(SessionState.CLOSED)
+        self._to_backend = self._to_client = _discard
         if self.backend is not None:
             self.backend.terminate()
         self.client.close()
@@ -224,15 +236,15 @@ class Session(BackendSink):
         for code, start, _end in frames:
             if code == _TERMINATE:
                 if start:
-                    backend.send(buf[:start])
+                    self._to_backend(buf[:start])
                 self._finish()
                 return
             push(code)
-        backend.send(buf)
+        self._to_backend(buf)
 
     def backend_data(self, data: bytes) -> None:
         if data:
-            self.client.write(data)
+            self._to_client(data)
         if self.state is SessionState.DRAINING:
             self._end_if_drained()
 
@@ -251,6 +263,7 @@ class Session(BackendSink):
         self._finish()
 
     def _client_lost(self) -> None:
+        self._to_client = _discard  # replies still in flight have nowhere to go
         self._finish()
 
     def _client_write_paused(self, paused: bool) -> None:

@@ -39,6 +39,12 @@ class FrameReader:
         return self._have
 
     def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
+        n = len(data)
+        if not self._chunks and n >= 5:
+            # Fast path: the chunk is exactly one message (a simple Query, a pgbench round trip).
+            (length,) = _U32.unpack_from(data, 1)
+            if length + 1 == n and 4 <= length <= self.max_size and (self._valid is None or data[0] in self._valid):
+                return data, [(data[0], 0, n)]
         if self._chunks:
             self._chunks.append(data)
             self._have += len(data)

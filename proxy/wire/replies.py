@@ -53,35 +53,39 @@ for _code, _kind in (
     _EXPECT_FOR[_code] = _kind
 EXPECT_FOR: tuple[int, ...] = tuple(_EXPECT_FOR)
 
-_Z = BackendCode.READY_FOR_QUERY.value
-_S = BackendCode.PARAMETER_STATUS.value
-_E = BackendCode.ERROR_RESPONSE.value
-_N = BackendCode.NOTICE_RESPONSE.value
-_A = BackendCode.NOTIFICATION_RESPONSE.value
-_PARSE_COMPLETE = BackendCode.PARSE_COMPLETE.value
-_BIND_COMPLETE = BackendCode.BIND_COMPLETE.value
-_CLOSE_COMPLETE = BackendCode.CLOSE_COMPLETE.value
-_NO_DATA = BackendCode.NO_DATA.value
-_ROW_DESCRIPTION = BackendCode.ROW_DESCRIPTION.value
-_EXEC_DONE = frozenset(
-    (
-        BackendCode.COMMAND_COMPLETE.value,
-        BackendCode.EMPTY_QUERY_RESPONSE.value,
-        BackendCode.PORTAL_SUSPENDED.value,
-    )
-)
-_ASYNC = frozenset((_N, _A, _S))  # may arrive at any time; always the client's
-_INSPECT = frozenset((_Z, _S))  # bodies the scanner needs (tiny messages)
+# What a backend message does to the FIFO. 0: nothing (DataRow, CopyData, ParameterDescription …
+# belong to the head entry). Actions at or below _NEEDS_BODY read the message body.
+_A_READY, _A_PARAM, _A_ASYNC, _A_ERROR, _A_EXEC_DONE, _A_COMPLETE, _A_DESCRIBED = range(1, 8)
+_NEEDS_BODY = _A_PARAM
+_ACTIONS = [0] * 256
+for _bcode, _action in (
+    (BackendCode.READY_FOR_QUERY, _A_READY),
+    (BackendCode.PARAMETER_STATUS, _A_PARAM),
+    (BackendCode.NOTICE_RESPONSE, _A_ASYNC),
+    (BackendCode.NOTIFICATION_RESPONSE, _A_ASYNC),
+    (BackendCode.ERROR_RESPONSE, _A_ERROR),
+    (BackendCode.COMMAND_COMPLETE, _A_EXEC_DONE),
+    (BackendCode.EMPTY_QUERY_RESPONSE, _A_EXEC_DONE),
+    (BackendCode.PORTAL_SUSPENDED, _A_EXEC_DONE),
+    (BackendCode.PARSE_COMPLETE, _A_COMPLETE),
+    (BackendCode.BIND_COMPLETE, _A_COMPLETE),
+    (BackendCode.CLOSE_COMPLETE, _A_COMPLETE),
+    (BackendCode.NO_DATA, _A_DESCRIBED),
+    (BackendCode.ROW_DESCRIPTION, _A_DESCRIBED),
+):
+    _ACTIONS[_bcode] = _action
+ACTIONS: tuple[int, ...] = tuple(_ACTIONS)
 
 
 class ExpectedReplies:
     """The FIFO itself: pure bookkeeping, no bytes."""
 
-    __slots__ = ("_q", "skip_until_sync")
+    __slots__ = ("_q", "skip_until_sync", "swallowing")
 
     def __init__(self) -> None:
         self._q: deque[int] = deque()
         self.skip_until_sync = False
+        self.swallowing = 0  # entries with SWALLOW: zero lets the scanner forward chunks whole
 
     def __len__(self) -> int:
         return len(self._q)
@@ -100,7 +104,11 @@ class ExpectedReplies:
             if kind != SYNC:
                 return
             self.skip_until_sync = False
-        self._q.append(kind | SWALLOW if swallow else kind)
+        if swallow:
+            self.swallowing += 1
+            self._q.append(kind | SWALLOW)
+        else:
+            self._q.append(kind)
 
     def head(self) -> int:
         return self._q[0] if self._q else 0
@@ -112,13 +120,18 @@ class ExpectedReplies:
         """ErrorResponse while the head is an extended-protocol step: drop entries up to Sync."""
         q = self._q
         while q and (q[0] & _KIND) not in (SYNC, QUERY, FUNCTION_CALL):
-            q.popleft()
+            if q.popleft() & SWALLOW:
+                self.swallowing -= 1
         if not q:
             self.skip_until_sync = True
+
+    def recount(self) -> None:
+        self.swallowing = sum(1 for e in self._q if e & SWALLOW)
 
     def clear(self) -> None:
         self._q.clear()
         self.skip_until_sync = False
+        self.swallowing = 0
 
 
 class ReplyScanner:
@@ -154,14 +167,15 @@ class ReplyScanner:
         return not self.expected._q and not self._skip and not self._pending
 
     def feed(self, data: bytes) -> bytes:
-        # One flat loop on purpose: this runs for every reply the proxy relays.
+        # One flat loop on purpose: this runs for every reply the proxy relays. While no injected
+        # statement is outstanding (nearly always) every byte is the client's, and the chunk is
+        # forwarded as it came; the cutting logic runs only when something must be swallowed.
         if self._pending:
             data = self._pending + data
             self._pending = b""
         n = len(data)
         pos = 0
-        runs: list[bytes] | None = None
-        run_start = 0  # start of the current forwarded run, -1 when not forwarding
+        run_start = 0  # start of the current forwarded run; -1 while swallowing
         skip = self._skip
         if skip:
             # The rest of a message that started in an earlier chunk: its fate is already known.
@@ -172,64 +186,64 @@ class ReplyScanner:
             pos = take
             if not self._fwd:
                 run_start = -1
-        q = self.expected._q
-        while True:
-            if n - pos < 5:
-                if pos < n:
-                    self._pending = data[pos:]
-                break
+        expected = self.expected
+        q = expected._q
+        cutting = expected.swallowing > 0 or run_start < 0
+        runs: list[bytes] = []
+        unpack = _U32.unpack_from
+        actions = ACTIONS
+        max_size = self.max_size
+        fwd = True
+        while n - pos >= 5:
             code = data[pos]
-            (length,) = _U32.unpack_from(data, pos + 1)
-            if length < 4 or length > self.max_size:
+            (length,) = unpack(data, pos + 1)
+            if length < 4 or length > max_size:
                 raise ProtocolViolation(f"backend sent invalid message length {length} for type {chr(code)!r}")
             end = pos + 1 + length
-            if code in _INSPECT and end > n:
-                self._pending = data[pos:]
-                break
-            # Which answer does this message belong to, and does it complete it?
-            head = q[0] if q else 0
-            fwd = not head & SWALLOW
-            if code in _ASYNC:
-                fwd = True
-                if code == _S and self.on_parameter is not None:
+            action = actions[code]
+            if action and action <= _NEEDS_BODY and end > n:
+                break  # a small message we must read whole: hold it back until it is
+            if cutting:
+                # Whose reply is this? Decided before the action below pops the head.
+                fwd = action in (_A_ASYNC, _A_PARAM) or not q or not q[0] & SWALLOW
+                if fwd:
+                    if run_start < 0:
+                        run_start = pos
+                elif run_start >= 0:
+                    if pos > run_start:
+                        runs.append(data[run_start:pos])
+                    run_start = -1
+            if action:
+                if action == _A_READY:
+                    self.tx_status = data[pos + 5]
+                    if q:
+                        q.popleft()
+                elif action == _A_EXEC_DONE:
+                    if q and q[0] & _KIND == EXECUTE:
+                        q.popleft()
+                elif action == _A_COMPLETE:
+                    if q:
+                        q.popleft()
+                elif action == _A_DESCRIBED:
+                    if q and q[0] & _KIND == DESCRIBE:
+                        q.popleft()
+                elif action == _A_ERROR:
+                    if q and q[0] & _KIND not in (QUERY, FUNCTION_CALL, SYNC):
+                        expected.error()
+                elif action == _A_PARAM and self.on_parameter is not None:
                     self.on_parameter(data[pos + 5 : end])
-            elif code == _Z:
-                self.tx_status = data[pos + 5]
-                if q:
-                    q.popleft()
-            elif code in _EXEC_DONE:
-                if head & _KIND == EXECUTE:
-                    q.popleft()
-            elif code == _E:
-                kind = head & _KIND
-                if kind and kind not in (QUERY, FUNCTION_CALL, SYNC):
-                    self.expected.error()
-            elif code in (_PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE):
-                if q:
-                    q.popleft()
-            elif code in (_NO_DATA, _ROW_DESCRIPTION) and head & _KIND == DESCRIBE:
-                q.popleft()
-            # Cut the output only around swallowed messages; the usual case forwards `data` whole.
-            if fwd:
-                if run_start < 0:
-                    run_start = pos
-            elif run_start >= 0:
-                if runs is None:
-                    runs = []
-                if pos > run_start:
-                    runs.append(data[run_start:pos])
-                run_start = -1
             if end > n:
+                # A message bigger than what arrived: stream its body through as it comes.
                 self._skip = end - n
                 self._fwd = fwd
                 pos = n
                 break
             pos = end
-        # `pos` is where processing stopped: the end, or the start of a held-back tail.
-        if runs is None and run_start == 0 and pos == n:
-            return data
-        if runs is None:
-            runs = []
+        if pos < n:
+            self._pending = data[pos:]
+        if not cutting:
+            return data if pos == n else data[:pos]
+        expected.recount()
         if run_start >= 0 and pos > run_start:
             runs.append(data[run_start:pos])
         return b"".join(runs)
