@@ -167,9 +167,48 @@ class BackendConfig(BaseModel):
         return self._address
 
 
+Weights = dict[str, Annotated[int, Field(ge=0)]]
+
+
+class RuleConfig(BaseModel):
+    """A read-routing rule: every criterion given must match; the most specific rule wins."""
+
+    model_config = _FROZEN
+    name: str | None = None
+    tables: list[str] | None = None  # matches when every table the read touches is listed
+    users: list[str] | None = None
+    application_names: list[str] | None = None
+    reads: Weights
+    sticky: Literal["statement", "session"] = "statement"
+
+    @model_validator(mode="after")
+    def _criteria(self) -> RuleConfig:
+        if not (self.tables or self.users or self.application_names):
+            raise ValueError("a rule needs at least one of tables, users, application_names")
+        if not any(self.reads.values()):
+            raise ValueError("reads needs at least one weight above 0")
+        return self
+
+
 class RoutingConfig(BaseModel):
     model_config = _FROZEN
     primary: str
+    reads: Weights | None = None  # default read weights; absent = every read on the primary
+    sticky: Literal["statement", "session"] = "statement"
+    rules: list[RuleConfig] = []
+
+    @model_validator(mode="after")
+    def _weights(self) -> RoutingConfig:
+        if self.reads is not None and not any(self.reads.values()):
+            raise ValueError("routing.reads needs at least one weight above 0")
+        names = [rule.name for rule in self.rules if rule.name]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique: {', '.join(duplicates)}")
+        return self
+
+    def rule_names(self) -> list[str]:
+        return [rule.name or f"rule{i + 1}" for i, rule in enumerate(self.rules)]
 
 
 class Config(BaseModel):
@@ -182,11 +221,19 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
+        declared = ", ".join(sorted(self.backends))
         if self.routing.primary not in self.backends:
             raise ValueError(
-                f"routing.primary = {self.routing.primary!r} is not a backend; "
-                f"declared backends: {', '.join(sorted(self.backends))}"
+                f"routing.primary = {self.routing.primary!r} is not a backend; declared backends: {declared}"
             )
+        weight_sets = [("routing.reads", self.routing.reads or {})]
+        weight_sets += [(f"routing.rules[{i}].reads", r.reads) for i, r in enumerate(self.routing.rules)]
+        for where, weights in weight_sets:
+            unknown = sorted(set(weights) - set(self.backends))
+            if unknown:
+                raise ValueError(
+                    f"{where} names unknown backend(s) {', '.join(unknown)}; declared backends: {declared}"
+                )
         return self
 
     @property

@@ -1,0 +1,6 @@
+"""Pure routing decisions: which backend serves a request (no IO, no pglast, injected randomness)."""
+
+from proxy.routing.decide import Decision, Reason, RouteContext, decide
+from proxy.routing.table import RoutingTable, Rule
+
+__all__ = ["Decision", "Reason", "RouteContext", "RoutingTable", "Rule", "decide"]
