@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 # more keeps large results flowing in fewer, bigger writes while memory stays a few MB).
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+# How long a closing backend connection may take to finish its TLS shutdown before it is aborted.
+CLOSE_GRACE = 1.0
 
 
 class BackendSink:
@@ -71,6 +73,7 @@ class BackendConnection(asyncio.Protocol):
         self._messages: deque[tuple[int, bytes]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._lost: BaseException | None = None
+        self._gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -238,6 +241,8 @@ class BackendConnection(asyncio.Protocol):
         self.closed = True
         self._lost = exc or ConnectionResetError("connection closed")
         self._wake()
+        if not self._gone.done():
+            self._gone.set_result(None)
         if self._sink is not None and not was_closed:
             self._sink.backend_lost(self, exc)
 
@@ -272,6 +277,20 @@ class BackendConnection(asyncio.Protocol):
             self.closed = True
             self.transport.write(TERMINATE)
             self.transport.close()
+
+    async def wait_closed(self) -> None:
+        """Wait (bounded) until the socket is really closed, then abort if it is not.
+
+        Closing a TLS connection waits for the peer's close_notify; a loop that stops first (the
+        proxy shutting down) would leave the socket open. The session awaits this before ending.
+        """
+        if self.transport is None:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
+                await asyncio.shield(self._gone)
+        except TimeoutError:
+            self.transport.abort()
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:

@@ -105,6 +105,10 @@ class Session(BackendSink):
         finally:
             self._close()
             registry.remove(self)
+            if self.backend is not None:
+                # The task ends when the backend socket has closed (a TLS close takes a round
+                # trip), so a shutdown that waits for session tasks leaves no socket behind.
+                await self.backend.wait_closed()
 
     async def _handshake(self) -> None:
         config = self.ctx.config
@@ -253,6 +257,11 @@ class Session(BackendSink):
             return
         detail = str(exc) if exc else None
         log.warning('session %s: backend "%s" closed the connection (%s)', self.client.peer, conn.name, detail)
+        if conn.scanner.ended_with_error:
+            # Its last word was an error (FATAL "terminating connection due to administrator
+            # command"): the client sees that and the close, as when connected directly.
+            self._finish()
+            return
         self.client.send_error(
             BackendUnavailable(
                 f'server closed the connection unexpectedly: backend "{conn.name}" ({conn.address.label()}) '

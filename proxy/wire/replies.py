@@ -55,7 +55,7 @@ EXPECT_FOR: tuple[int, ...] = tuple(_EXPECT_FOR)
 
 # What a backend message does to the FIFO. 0: nothing (DataRow, CopyData, ParameterDescription …
 # belong to the head entry). Actions at or below _NEEDS_BODY read the message body.
-_A_READY, _A_PARAM, _A_ASYNC, _A_ERROR, _A_EXEC_DONE, _A_COMPLETE, _A_DESCRIBED = range(1, 8)
+_A_READY, _A_PARAM, _A_ASYNC, _A_ERROR, _A_EXEC_DONE, _A_COMPLETE, _A_DESCRIBED, _A_COPY_IN = range(1, 9)
 _NEEDS_BODY = _A_PARAM
 _ACTIONS = [0] * 256
 for _bcode, _action in (
@@ -72,9 +72,11 @@ for _bcode, _action in (
     (BackendCode.CLOSE_COMPLETE, _A_COMPLETE),
     (BackendCode.NO_DATA, _A_DESCRIBED),
     (BackendCode.ROW_DESCRIPTION, _A_DESCRIBED),
+    (BackendCode.COPY_IN_RESPONSE, _A_COPY_IN),
 ):
     _ACTIONS[_bcode] = _action
 ACTIONS: tuple[int, ...] = tuple(_ACTIONS)
+_ERROR_RESPONSE = BackendCode.ERROR_RESPONSE.value
 
 
 class ExpectedReplies:
@@ -125,6 +127,20 @@ class ExpectedReplies:
         if not q:
             self.skip_until_sync = True
 
+    def copy_in_started(self) -> None:
+        """CopyInResponse: Postgres ignores Sync while in copy-in mode (copyfromparse.c), so the
+        Sync libpq sends right behind a COPY's Execute (PQexecParams) gets no ReadyForQuery; only
+        the one sent after CopyDone/CopyFail does. Drop the Syncs queued behind the COPY.
+        (Assumes the client waits for CopyInResponse before ending the copy, as libpq does.)"""
+        q = self._q
+        if len(q) > 1:
+            head = q.popleft()
+            rest = [e for e in q if e & _KIND != SYNC]
+            q.clear()
+            q.append(head)
+            q.extend(rest)
+            self.recount()
+
     def recount(self) -> None:
         self.swallowing = sum(1 for e in self._q if e & SWALLOW)
 
@@ -142,6 +158,7 @@ class ReplyScanner:
         "_pending",
         "_skip",
         "expected",
+        "last_code",
         "max_size",
         "on_parameter",
         "tx_status",
@@ -160,11 +177,18 @@ class ReplyScanner:
         self._pending = b""  # an incomplete header, or an incomplete inspected message
         self._skip = 0  # body bytes of a passthrough message still to come
         self._fwd = True  # whether those bytes go to the client
+        self.last_code = 0  # type of the last message started so far
 
     @property
     def idle(self) -> bool:
         """No reply outstanding: the backend waits for the next request."""
         return not self.expected._q and not self._skip and not self._pending
+
+    @property
+    def ended_with_error(self) -> bool:
+        """The stream so far ends with a whole ErrorResponse (a backend that sends FATAL, e.g. on
+        pg_terminate_backend, and closes has told the client why itself)."""
+        return self.last_code == _ERROR_RESPONSE and not self._skip and not self._pending
 
     def feed(self, data: bytes) -> bytes:
         # One flat loop on purpose: this runs for every reply the proxy relays. While no injected
@@ -194,6 +218,7 @@ class ReplyScanner:
         actions = ACTIONS
         max_size = self.max_size
         fwd = True
+        code = -1
         while n - pos >= 5:
             code = data[pos]
             (length,) = unpack(data, pos + 1)
@@ -232,6 +257,8 @@ class ReplyScanner:
                         expected.error()
                 elif action == _A_PARAM and self.on_parameter is not None:
                     self.on_parameter(data[pos + 5 : end])
+                elif action == _A_COPY_IN:
+                    expected.copy_in_started()
             if end > n:
                 # A message bigger than what arrived: stream its body through as it comes.
                 self._skip = end - n
@@ -239,6 +266,8 @@ class ReplyScanner:
                 pos = n
                 break
             pos = end
+        if code >= 0:
+            self.last_code = code
         if pos < n:
             self._pending = data[pos:]
         if not cutting:
