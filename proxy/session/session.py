@@ -22,12 +22,11 @@ from proxy.errors import (
 from proxy.session.client import ClientConnection, ClientGone
 from proxy.session.handshake import ScramKeys, authenticate, read_startup
 from proxy.session.registry import SessionRegistry
-from proxy.wire.codes import FrontendCode, TxStatus
+from proxy.wire.codes import TxStatus
 from proxy.wire.messages import AUTH_OK, BackendKeyData, CancelRequest, ErrorResponse, ParameterStatus, ReadyForQuery
 
 log = logging.getLogger(__name__)
 
-_TERMINATE = FrontendCode.TERMINATE.value
 _IDLE = TxStatus.IDLE.value
 
 
@@ -66,6 +65,7 @@ class Session(BackendSink):
         self.state = SessionState.HANDSHAKE
         self.backend: BackendConnection | None = None
         self.cancel_key: tuple[int, int] | None = None
+        self._draining = False  # mirrors state DRAINING; a plain bool for the hot path
         self.user = ""
         # Bound transport writes, cached once relaying starts (the hot path calls them directly).
         self._to_backend: Callable[[bytes], object] = _discard
@@ -194,6 +194,7 @@ class Session(BackendSink):
         """Stop accepting: idle sessions end now, busy ones when their request is answered."""
         if self.state is SessionState.RELAY:
             self._to(SessionState.DRAINING)
+            self._draining = True
             self._end_if_drained()
         elif self.state is SessionState.HANDSHAKE:
             self.client.send_error(AdminShutdown())
@@ -236,20 +237,18 @@ class Session(BackendSink):
             return
         backend = self.backend
         assert backend is not None
-        push = backend.expected.push_frontend
-        for code, start, _end in frames:
-            if code == _TERMINATE:
-                if start:
-                    self._to_backend(buf[:start])
-                self._finish()
-                return
-            push(code)
-        self._to_backend(buf)
+        terminate_at = backend.expected.push_frames(frames)
+        if terminate_at < 0:
+            self._to_backend(buf)
+            return
+        if terminate_at:
+            self._to_backend(buf[:terminate_at])
+        self._finish()  # the client said goodbye; we close the backend ourselves
 
     def backend_data(self, data: bytes) -> None:
         if data:
             self._to_client(data)
-        if self.state is SessionState.DRAINING:
+        if self._draining:
             self._end_if_drained()
 
     def backend_lost(self, conn: BackendConnection, exc: BaseException | None) -> None:

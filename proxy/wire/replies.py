@@ -52,6 +52,7 @@ for _code, _kind in (
 ):
     _EXPECT_FOR[_code] = _kind
 EXPECT_FOR: tuple[int, ...] = tuple(_EXPECT_FOR)
+_TERMINATE = FrontendCode.TERMINATE.value
 
 # What a backend message does to the FIFO. 0: nothing (DataRow, CopyData, ParameterDescription …
 # belong to the head entry). Actions at or below _NEEDS_BODY read the message body.
@@ -111,6 +112,25 @@ class ExpectedReplies:
             self._q.append(kind | SWALLOW)
         else:
             self._q.append(kind)
+
+    def push_frames(self, frames: list[tuple[int, int, int]]) -> int:
+        """Record a batch of forwarded frames (FrameReader offsets); return the start offset of a
+        Terminate among them, or -1. One call per client chunk instead of one per message."""
+        if self.skip_until_sync:
+            for code, start, _end in frames:
+                if code == _TERMINATE:
+                    return start
+                self.push_frontend(code)
+            return -1
+        append = self._q.append
+        expect = EXPECT_FOR
+        for code, start, _end in frames:
+            kind = expect[code]
+            if kind:
+                append(kind)
+            elif code == _TERMINATE:
+                return start
+        return -1
 
     def head(self) -> int:
         return self._q[0] if self._q else 0

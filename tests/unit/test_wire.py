@@ -291,3 +291,15 @@ def test_backend_garbage_length_is_a_protocol_violation() -> None:
 
 def test_swallow_flag_constant_is_outside_kinds() -> None:
     assert SWALLOW > 0xFF
+
+
+def test_push_frames_records_replies_and_finds_terminate() -> None:
+    fifo = ExpectedReplies()
+    data = Query("select 1").encode() + frame(ord("H"), b"") + frame(ord("X"), b"")
+    buf, frames = FrameReader(MAX).feed(data)
+    assert fifo.push_frames(frames) == len(data) - 5
+    assert len(fifo) == 1  # Query expects an answer; Flush does not
+    fifo.skip_until_sync = True
+    _, frames = FrameReader(MAX).feed(frame(ord("B"), b"") + frame(ord("S"), b""))
+    assert fifo.push_frames(frames) == -1
+    assert len(fifo) == 2 and not fifo.skip_until_sync  # Bind skipped, Sync expected
