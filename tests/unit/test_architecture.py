@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"errors", "config", "wire", "observability"},
     "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability"},
     "server": {"errors", "config", "session", "observability"},
-    "app": {"errors", "config", "server", "observability"},
+    "app": {"errors", "config", "server", "routing", "observability"},
     "demo": {"errors", "config", "localpg", "app"},
     "cli": {"errors", "config", "app", "demo", "wire", "localpg"},
     "__main__": {"cli"},

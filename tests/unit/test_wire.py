@@ -296,7 +296,7 @@ def test_swallow_flag_constant_is_outside_kinds() -> None:
 def test_push_frames_records_replies_and_finds_terminate() -> None:
     fifo = ExpectedReplies()
     data = Query("select 1").encode() + frame(ord("H"), b"") + frame(ord("X"), b"")
-    buf, frames = FrameReader(MAX).feed(data)
+    _buf, frames = FrameReader(MAX).feed(data)
     assert fifo.push_frames(frames) == len(data) - 5
     assert len(fifo) == 1  # Query expects an answer; Flush does not
     fifo.skip_until_sync = True

@@ -1,0 +1,76 @@
+"""`pgshift demo`: two clusters with the sample, the proxy in front, and a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from proxy.demo import NEW_PORT, OLD_PORT
+from proxy.localpg import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.timeout(120)
+def test_demo_serves_the_sample_and_cleans_up() -> None:
+    if _port_open(OLD_PORT) or _port_open(NEW_PORT):
+        pytest.skip(f"demo ports {OLD_PORT}/{NEW_PORT} are taken on this machine")
+    before = set(glob.glob("/tmp/pgshift-old-*")) | set(glob.glob("/tmp/pgshift-new-*"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        seen = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "Ctrl-C stops" in line:
+                break
+        banner = "".join(seen)
+        assert "pgshift demo is running" in banner, banner
+        dsn = f"postgresql://postgres@127.0.0.1:{port}/marketplace"
+        assert dsn in banner
+        with psycopg.connect(dsn) as conn:
+            counts = conn.execute(
+                "select (select count(*) from listings), (select count(*) from cities), inet_server_port()"
+            ).fetchone()
+        assert counts == (2000, 50, OLD_PORT)
+        # "new" holds the same schema, empty: phase 0 ("shadow") of a migration.
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{NEW_PORT}/marketplace") as conn:
+            assert conn.execute("select count(*) from listings").fetchone() == (0,)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, rest
+        assert "removing the demo clusters" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not _port_open(OLD_PORT) and not _port_open(NEW_PORT)
+    after = set(glob.glob("/tmp/pgshift-old-*")) | set(glob.glob("/tmp/pgshift-new-*"))
+    assert after <= before, f"demo left {after - before}"
