@@ -156,6 +156,8 @@ _BACKEND_LOCAL_FUNC_PREFIXES: Final = ("pg_stat_get_", "pg_stat_have_")
 # here (and not volatile) is reported in unknown_functions for the routing layer's pg_proc lookup.
 _STABLE: Final = frozenset(
     {
+        # the serving server's address: informational, and how tests see who served a read
+        "inet_server_port", "inet_server_addr",
         # aggregates and window functions
         "count", "sum", "avg", "min", "max", "array_agg", "string_agg", "bool_and", "bool_or", "every",
         "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg", "json_agg_strict", "jsonb_agg_strict",
@@ -580,8 +582,9 @@ class _Analyzer:
         return Kind.SESSION
 
     def _discard(self, typ: str, f: _Fields) -> Kind:
-        if f.get("target") == "DISCARD_ALL":  # also RESET ALL
-            self.session_setting = True
+        # DISCARD and DEALLOCATE also drop protocol-level prepared statements, which the session
+        # tracks per backend: replaying them elsewhere would desynchronise that, so they pin.
+        self.pins.add(Pin.UNKNOWN_SESSION_STATE)
         return Kind.SESSION
 
     def _unknown(self, typ: str, f: _Fields) -> Kind:
@@ -791,7 +794,7 @@ _HANDLERS: Final[dict[str, _Handler]] = {
     "DiscardStmt": _Analyzer._discard,
     "ListenStmt": _Analyzer._listen,
     "UnlistenStmt": _Analyzer._session,
-    "DeallocateStmt": _Analyzer._session,
+    "DeallocateStmt": _Analyzer._discard,
     "ClosePortalStmt": _Analyzer._session,
     "ConstraintsSetStmt": _Analyzer._session,
     "LoadStmt": _Analyzer._load,
