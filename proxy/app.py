@@ -11,8 +11,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from proxy.config import Config
-from proxy.errors import ConfigError
-from proxy.routing import RoutingTable
 from proxy.server import Server
 
 log = logging.getLogger(__name__)
@@ -31,7 +29,6 @@ async def serve(
     if handle_signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-    _refuse_unserved(config)
     server = Server(config)
     await server.start()
     # The relay allocates short-lived tuples and lists per message; with the default gen-0
@@ -50,17 +47,6 @@ async def serve(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         await server.stop(config.proxy.shutdown_grace)
-
-
-def _refuse_unserved(config: Config) -> None:
-    """Settings the config accepts but this version's sessions do not act on yet are refused,
-    never silently ignored: an operator who asks for reads on "new" must not get them on "old"."""
-    if RoutingTable.from_config(config).splits_reads:
-        raise ConfigError(
-            "routing.reads / routing.rules send reads to backends other than the primary, which this "
-            "version does not do yet (sessions use routing.primary only)",
-            hint="Remove routing.reads and routing.rules, or give the primary all the weight.",
-        )
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import ssl
 
 from proxy.config import Config
+from proxy.routing import RoutingStats, RoutingTable
 from proxy.session.client import ClientConnection
 from proxy.session.registry import SessionRegistry
+from proxy.session.routed import RoutedSession
 from proxy.session.session import Session, SessionContext
+from proxy.sql import AnalysisCache
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,19 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.registry = SessionRegistry()
-        self.ctx = SessionContext(config=config, registry=self.registry, tls=tls_context(config))
+        routing = RoutingTable.from_config(config)
+        self.ctx = SessionContext(
+            config=config,
+            registry=self.registry,
+            tls=tls_context(config),
+            routing=routing,
+            analysis=AnalysisCache(),
+            stats=RoutingStats(),
+            rng=random.Random(),
+        )
+        # Statement analysis and multi-backend bookkeeping only when reads can leave the primary;
+        # otherwise every session is a plain relay to it (the fastest path).
+        self._session_class: type[Session] = RoutedSession if routing.splits_reads else Session
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_id = 0
@@ -61,7 +77,7 @@ class Server:
         # Called from connection_made: each client gets a named task the server tracks, so
         # shutdown can wait for (and, past the grace period, cancel) every one of them.
         self._next_id += 1
-        session = Session(self.ctx, client)
+        session = self._session_class(self.ctx, client)
         task = asyncio.get_running_loop().create_task(session.run(), name=f"session-{self._next_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

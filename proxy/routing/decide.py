@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from proxy.routing.table import RoutingTable
-from proxy.sql import Analysis, Kind, TxOp
+from proxy.sql import Analysis, Kind
 
 
 class Reason(enum.Enum):
@@ -21,7 +21,6 @@ class Reason(enum.Enum):
     RULE = "rule"
     STICKY = "sticky"  # the session's earlier draw for a sticky rule
     DEFAULT = "default"  # [routing] reads
-    READ_ONLY_TX = "read_only_transaction"  # BEGIN READ ONLY: the whole transaction as one read
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +39,7 @@ class Decision:
     target: str
     reason: Reason
     rule: str | None = None  # the rule that chose the weights (or "" for the default)
+    sticky: bool = False  # a fresh draw the session must keep for this rule
 
 
 def _routable(analysis: Analysis, functions_safe: bool) -> bool:
@@ -62,18 +62,18 @@ def decide(ctx: RouteContext, table: RoutingTable, rng: random.Random) -> Decisi
     if ctx.pinned:
         return Decision(table.primary, Reason.PINNED)
     a = ctx.analysis
-    read_only_begin = a.tx_op is TxOp.BEGIN and a.read_only_tx and a.statement_count == 1
-    if not (read_only_begin or _routable(a, ctx.functions_safe)):
+    # Transactions, BEGIN READ ONLY included, stay on the primary: a session setting made inside a
+    # transaction elsewhere could not be replayed faithfully (it may yet be rolled back).
+    if not _routable(a, ctx.functions_safe):
         return Decision(table.primary, Reason.NOT_A_READ)
     if a.hint is not None and a.hint in table.backends:
         return Decision(a.hint, Reason.HINT)
     tables = table.bare_tables(a.tables_read)
-    reason = Reason.READ_ONLY_TX if read_only_begin else Reason.RULE
     for rule in table.rules:
         if rule.matches(tables, ctx.user, ctx.application_name):
             if rule.sticky and ctx.sticky is not None and rule.name in ctx.sticky:
                 return Decision(ctx.sticky[rule.name], Reason.STICKY, rule.name)
-            return Decision(rule.reads.pick(rng), reason, rule.name)
+            return Decision(rule.reads.pick(rng), Reason.RULE, rule.name, rule.sticky)
     if table.default_sticky and ctx.sticky is not None and "" in ctx.sticky:
         return Decision(ctx.sticky[""], Reason.STICKY, "")
-    return Decision(table.default.pick(rng), Reason.READ_ONLY_TX if read_only_begin else Reason.DEFAULT, "")
+    return Decision(table.default.pick(rng), Reason.DEFAULT, "", table.default_sticky)

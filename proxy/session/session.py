@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,9 +20,11 @@ from proxy.errors import (
     PgShiftError,
     ProtocolViolation,
 )
+from proxy.routing import RoutingStats, RoutingTable
 from proxy.session.client import ClientConnection, ClientGone
 from proxy.session.handshake import ScramKeys, authenticate, read_startup
 from proxy.session.registry import SessionRegistry
+from proxy.sql import AnalysisCache
 from proxy.wire.codes import TxStatus
 from proxy.wire.messages import AUTH_OK, BackendKeyData, CancelRequest, ErrorResponse, ParameterStatus, ReadyForQuery
 
@@ -51,11 +54,16 @@ _TRANSITIONS = {
 
 @dataclass(frozen=True)
 class SessionContext:
-    """What every session of one server shares; swapped whole, never mutated."""
+    """What every session of one server shares; swapped whole, never mutated (the counters and
+    the cache inside are shared mutable state of the one event loop)."""
 
     config: Config
     registry: SessionRegistry
     tls: ssl.SSLContext | None
+    routing: RoutingTable
+    analysis: AnalysisCache
+    stats: RoutingStats
+    rng: random.Random
 
 
 class Session(BackendSink):
@@ -67,6 +75,8 @@ class Session(BackendSink):
         self.cancel_key: tuple[int, int] | None = None
         self._draining = False  # mirrors state DRAINING; a plain bool for the hot path
         self.user = ""
+        self.client_params: dict[str, str] = {}
+        self.scram_keys: ScramKeys | None = None
         # Bound transport writes, cached once relaying starts (the hot path calls them directly).
         self._to_backend: Callable[[bytes], object] = _discard
         self._to_client: Callable[[bytes], object] = _discard
@@ -105,10 +115,10 @@ class Session(BackendSink):
         finally:
             self._close()
             registry.remove(self)
-            if self.backend is not None:
-                # The task ends when the backend socket has closed (a TLS close takes a round
-                # trip), so a shutdown that waits for session tasks leaves no socket behind.
-                await self.backend.wait_closed()
+            # The task ends when the backend sockets have closed (a TLS close takes a round
+            # trip), so a shutdown that waits for session tasks leaves no socket behind.
+            for backend in self._all_backends():
+                await backend.wait_closed()
 
     async def _handshake(self) -> None:
         config = self.ctx.config
@@ -124,15 +134,17 @@ class Session(BackendSink):
                     "pgshift does not proxy replication connections",
                     hint="Point replication and CDC tools at the database itself.",
                 )
-            keys = await authenticate(self.client, self.user, config.auth.for_user(self.user))
-            self.backend = await self._open_backend(params, keys)
+            self.scram_keys = await authenticate(self.client, self.user, config.auth.for_user(self.user))
+            self.client_params = params
+            self.backend = await self._open_backend(config.routing.primary)
         self._greet(self.backend)
         self._start_relay(self.backend)
 
-    async def _open_backend(self, client_params: dict[str, str], keys: ScramKeys | None) -> BackendConnection:
-        name, backend = self.ctx.config.primary
-        address = backend.address
-        params = dict(client_params)
+    async def _open_backend(self, name: str) -> BackendConnection:
+        """Log in to backend ``name`` as this client (same user, database, startup parameters)."""
+        address = self.ctx.config.backends[name].address
+        keys = self.scram_keys
+        params = dict(self.client_params)
         # A DSN that pins user/dbname maps every client to them (service-account mode).
         if address.user:
             params["user"] = address.user
@@ -185,10 +197,14 @@ class Session(BackendSink):
             return
         await target.cancel_running()
 
+    def _all_backends(self) -> list[BackendConnection]:
+        return [self.backend] if self.backend is not None else []
+
     async def cancel_running(self) -> None:
-        """Cancel whatever this session's backend is running (a no-op when it is idle)."""
-        if self.backend is not None and not self.backend.scanner.idle:
-            await self.backend.cancel()
+        """Cancel whatever this session's backends are running (a no-op when they are idle)."""
+        for backend in self._all_backends():
+            if not backend.scanner.idle:
+                await backend.cancel()
 
     def begin_shutdown(self) -> None:
         """Stop accepting: idle sessions end now, busy ones when their request is answered."""
@@ -207,8 +223,7 @@ class Session(BackendSink):
             self._finish()
 
     def _end_if_drained(self) -> None:
-        backend = self.backend
-        if backend is None or (backend.scanner.idle and backend.scanner.tx_status == _IDLE):
+        if all(b.scanner.idle and b.scanner.tx_status == _IDLE for b in self._all_backends()):
             self.client.send_error(AdminShutdown())
             self._finish()
 
@@ -220,8 +235,8 @@ class Session(BackendSink):
         if self.state is not SessionState.CLOSED:
             self._to(SessionState.CLOSED)
         self._to_backend = self._to_client = _discard
-        if self.backend is not None:
-            self.backend.terminate()
+        for backend in self._all_backends():
+            backend.terminate()
         self.client.close()
 
     # --- relay (callbacks: the hot path) ---------------------------------------------------------
@@ -277,11 +292,11 @@ class Session(BackendSink):
     def _client_write_paused(self, paused: bool) -> None:
         # The client reads slower than the backend answers: stop reading the backend so the
         # kernel buffers fill and Postgres waits, instead of proxy memory growing.
-        if self.backend is not None:
+        for backend in self._all_backends():
             if paused:
-                self.backend.pause_reading()
+                backend.pause_reading()
             else:
-                self.backend.resume_reading()
+                backend.resume_reading()
 
     def backend_write_paused(self, paused: bool) -> None:
         # The backend reads slower than the client sends (a big COPY FROM): stop reading the client.

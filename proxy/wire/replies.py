@@ -177,6 +177,7 @@ class ReplyScanner:
         "_fwd",
         "_pending",
         "_skip",
+        "errors",
         "expected",
         "last_code",
         "max_size",
@@ -198,6 +199,7 @@ class ReplyScanner:
         self._skip = 0  # body bytes of a passthrough message still to come
         self._fwd = True  # whether those bytes go to the client
         self.last_code = 0  # type of the last message started so far
+        self.errors = 0  # ErrorResponses forwarded to the client (read failover watches this)
 
     @property
     def idle(self) -> bool:
@@ -273,6 +275,8 @@ class ReplyScanner:
                     if q and q[0] & _KIND == DESCRIBE:
                         q.popleft()
                 elif action == _A_ERROR:
+                    if fwd:
+                        self.errors += 1
                     if q and q[0] & _KIND not in (QUERY, FUNCTION_CALL, SYNC):
                         expected.error()
                 elif action == _A_PARAM and self.on_parameter is not None:

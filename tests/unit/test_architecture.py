@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "routing": {"errors", "config", "sql"},
     "backends": {"errors", "config", "wire", "observability"},
     "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability"},
-    "server": {"errors", "config", "session", "observability"},
+    "server": {"errors", "config", "session", "routing", "sql", "observability"},
     "app": {"errors", "config", "server", "routing", "observability"},
     "demo": {"errors", "config", "localpg", "app"},
     "cli": {"errors", "config", "app", "demo", "wire", "localpg"},

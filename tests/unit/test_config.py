@@ -129,13 +129,3 @@ def test_passwd_prints_a_usable_entry() -> None:
     empty = run_cli("passwd", "carol", "--password-stdin", stdin="\n")
     assert empty.returncode == 2 and "empty password refused" in empty.stderr
 
-
-def test_serve_refuses_read_routing_it_does_not_serve_yet(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(
-        '[backends.old]\ndsn = "postgresql://127.0.0.1:1"\n[backends.new]\ndsn = "postgresql://127.0.0.1:2"\n'
-        '[routing]\nprimary = "old"\nreads = { old = 50, new = 50 }\n'
-    )
-    result = run_cli("serve", "--config", str(config))
-    assert result.returncode == 2
-    assert "does not do yet" in result.stderr and "Traceback" not in result.stderr

@@ -98,9 +98,8 @@ def test_precedence_hint_then_most_specific_rule_then_default() -> None:
     assert route("/* pgshift:route=nope */ select 1", t).reason is Reason.DEFAULT
 
 
-def test_read_only_transaction_is_routed_as_one_read() -> None:
-    decision = route("BEGIN READ ONLY", table(reads={"old": 0, "new": 100}))
-    assert (decision.target, decision.reason) == ("new", Reason.READ_ONLY_TX)
+def test_transactions_start_on_the_primary_even_read_only() -> None:
+    assert route("BEGIN READ ONLY", table(reads={"old": 0, "new": 100})).target == "old"
     assert route("BEGIN", table(reads={"old": 0, "new": 100})).target == "old"
 
 

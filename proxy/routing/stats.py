@@ -1,0 +1,15 @@
+"""Routing counters (decisions by backend and reason, pins by cause, read failovers): plain data the
+control-plane issue will export to Prometheus; tests read them directly."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RoutingStats:
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (backend, reason)
+    pins: Counter[str] = field(default_factory=Counter)  # cause
+    failovers: Counter[tuple[str, str]] = field(default_factory=Counter)  # (backend, cause)
+    replays: Counter[str] = field(default_factory=Counter)  # backend: settings/statements injected

@@ -1,0 +1,390 @@
+"""A session whose reads may be served by several backends: requests, decisions, replay, failover.
+
+The request path, in order (DESIGN.md §3):
+1. frame the client's bytes and collect whole requests (up to Sync, Query, Flush, FunctionCall,
+   CopyDone/CopyFail); a request that must follow an earlier one (open transaction, replies still
+   in flight, an extended-protocol sequence not yet synced, a pinned session) goes where that one
+   went, at once;
+2. otherwise analyse its SQL (cached) and ``decide()`` the backend;
+3. open that backend lazily; bring it up to date (session settings, prepared statements), with
+   the replies to what the proxy injects swallowed through the expected-reply FIFO;
+4. forward the request's frames as they arrived;
+5. a read served by a non-primary backend is held back until it completes: if it failed before
+   anything reached the client, it is sent again to the primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from proxy.backends.connection import BackendConnection, BackendSink
+from proxy.errors import PgShiftError, ProtocolViolation
+from proxy.routing import Reason, RouteContext, decide
+from proxy.session.client import ClientConnection
+from proxy.session.requests import RawFrame, RequestInfo, scan
+from proxy.session.session import Session, SessionContext, SessionState
+from proxy.session.settings import SettingsLog
+from proxy.session.statements import PreparedStatements
+from proxy.sql import Analysis, Pin
+from proxy.wire.codes import FrontendCode, TxStatus
+
+log = logging.getLogger(__name__)
+
+_TERMINATE = FrontendCode.TERMINATE.value
+_SYNC = FrontendCode.SYNC.value
+# Messages that end a request: the client waits for an answer after them.
+_BOUNDARY = frozenset(
+    c.value
+    for c in (
+        FrontendCode.SYNC,
+        FrontendCode.QUERY,
+        FrontendCode.FLUSH,
+        FrontendCode.FUNCTION_CALL,
+        FrontendCode.COPY_DONE,
+        FrontendCode.COPY_FAIL,
+    )
+)
+# Extended-protocol messages: from the first of them to Sync, one backend serves them all.
+_EXTENDED = frozenset(
+    c.value
+    for c in (
+        FrontendCode.PARSE,
+        FrontendCode.BIND,
+        FrontendCode.DESCRIBE,
+        FrontendCode.EXECUTE,
+        FrontendCode.CLOSE,
+        FrontendCode.FLUSH,
+    )
+)
+_IDLE = TxStatus.IDLE.value
+# A request that must follow the previous one is forwarded once this much of it is buffered
+# (COPY data streams through; it is never accumulated whole).
+_STREAM_AFTER = 64 * 1024
+# A held read is released to the client once its reply grows past this: failover is only for
+# reads that fail before anything reached the client, and memory stays bounded.
+HOLD_LIMIT = 256 * 1024
+
+
+@dataclass
+class _Held:
+    """A read on a non-primary backend whose reply is held back until it is known to succeed."""
+
+    conn: BackendConnection
+    frames: list[RawFrame]
+    errors_before: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    released: bool = False
+
+
+class _Port(BackendSink):
+    """Connects one backend connection's callbacks to the session, naming the connection."""
+
+    def __init__(self, session: RoutedSession, conn: BackendConnection) -> None:
+        self.session = session
+        self.conn = conn
+
+    def backend_data(self, data: bytes) -> None:
+        self.session.backend_reply(self.conn, data)
+
+    def backend_lost(self, conn: BackendConnection, exc: BaseException | None) -> None:
+        self.session.backend_lost(conn, exc)
+
+    def backend_write_paused(self, paused: bool) -> None:
+        self.session.backend_write_paused(paused)
+
+
+class RoutedSession(Session):
+    def __init__(self, ctx: SessionContext, client: ClientConnection) -> None:
+        super().__init__(ctx, client)
+        self.backends: dict[str, BackendConnection] = {}
+        self.pinned: set[Pin] = set()
+        self._pending: list[RawFrame] = []
+        self._pending_size = 0
+        self._requests: deque[list[RawFrame]] = deque()
+        self._current: BackendConnection | None = None  # where the last request went
+        self._tx_on: BackendConnection | None = None  # where the open transaction runs
+        self._extended_open = False  # extended-protocol messages sent since the last Sync
+        self._unnamed_at: str | None = None  # backend holding the unnamed prepared statement
+        self._blocked = False  # waiting for a backend connection to open
+        self._hold: _Held | None = None
+        self._down: set[str] = set()  # backends this session could not reach
+        self._sticky: dict[str, str] = {}
+        self._settings = SettingsLog()
+        self._statements = PreparedStatements()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle hooks ------------------------------------------------------------------
+
+    def _all_backends(self) -> list[BackendConnection]:
+        return list(self.backends.values())
+
+    def _start_relay(self, backend: BackendConnection) -> None:
+        self._to(SessionState.RELAY)
+        client = self.client
+        assert client.transport is not None
+        self._to_client = client.transport.write
+        self._adopt(backend)
+        self._current = backend
+        client.on_lost = self._client_lost
+        client.on_write_paused = self._client_write_paused
+        unread = client.take_unread()
+        client.on_data = self._client_data
+        if unread:
+            self._client_data(unread)
+        if client.closed:
+            self._finish()
+
+    def _adopt(self, conn: BackendConnection) -> None:
+        self.backends[conn.name] = conn
+        early = conn.attach(_Port(self, conn))
+        if early:
+            self.backend_reply(conn, early)
+
+    # --- client → backends ----------------------------------------------------------------
+
+    def _client_data(self, data: bytes) -> None:
+        try:
+            buf, frames = self.client.reader.feed(data)
+        except ProtocolViolation as exc:
+            self.client.send_error(exc)
+            self._finish()
+            return
+        for code, start, end in frames:
+            if code == _TERMINATE:
+                self._finish()
+                return
+            self._pending.append((code, buf[start:end]))
+            self._pending_size += end - start
+            if code in _BOUNDARY:
+                self._requests.append(self._pending)
+                self._pending = []
+                self._pending_size = 0
+        if self._pending_size > _STREAM_AFTER and not self._requests and self._ready():
+            target = self._follow()
+            if target is not None:  # COPY data and other long requests stream through
+                pending, self._pending, self._pending_size = self._pending, [], 0
+                self._forward(target, pending)
+        self._pump()
+
+    def _ready(self) -> bool:
+        return not self._blocked and self._hold is None and self.state is not SessionState.CLOSED
+
+    def _follow(self) -> BackendConnection | None:
+        """The backend the next request must go to because of what came before, if any."""
+        if self._tx_on is not None:
+            return self._tx_on
+        current = self._current
+        if current is not None and (self._extended_open or not current.scanner.idle):
+            return current
+        if self.pinned:
+            return self.backends[self.ctx.routing.primary]
+        return None
+
+    def _pump(self) -> None:
+        while self._requests and self._ready():
+            request = self._requests[0]
+            target = self._follow()
+            info: RequestInfo | None = None
+            hold = False
+            if target is None:
+                try:
+                    info = scan(request, self.ctx.analysis, self._statements.analyses)
+                except ProtocolViolation as exc:
+                    self.client.send_error(exc)
+                    self._finish()
+                    return
+                name = self._choose(info)
+                conn = self.backends.get(name)
+                if conn is None:
+                    self._open_later(name)
+                    return
+                target = conn
+                hold = name != self.ctx.routing.primary
+            self._requests.popleft()
+            self._forward(target, request, info, hold=hold)
+
+    def _choose(self, info: RequestInfo) -> str:
+        table = self.ctx.routing
+        stats = self.ctx.stats
+        analyses = info.analyses
+        if info.unnamed_used and self._unnamed_at is not None:
+            return self._unnamed_at
+        if (
+            not analyses
+            or info.function_call
+            or info.unnamed_used
+            or any(name not in self._statements.analyses for name in info.needs)
+        ):
+            stats.decisions[(table.primary, Reason.NOT_A_READ.value)] += 1
+            return table.primary
+        analysis = analyses[0] if len(analyses) == 1 else _merge(analyses)
+        if analysis is None:
+            stats.decisions[(table.primary, Reason.NOT_A_READ.value)] += 1
+            return table.primary
+        context = RouteContext(
+            analysis=analysis,
+            user=self.user,
+            application_name=self.client_params.get("application_name", ""),
+            sticky=self._sticky,
+        )
+        decision = decide(context, table, self.ctx.rng)
+        target = decision.target
+        if decision.sticky and decision.rule is not None:
+            self._sticky[decision.rule] = target
+        if target in self._down:
+            stats.failovers[(target, "unreachable")] += 1
+            target = table.primary
+        stats.decisions[(target, decision.reason.value)] += 1
+        return target
+
+    def _forward(
+        self, target: BackendConnection, frames: list[RawFrame], info: RequestInfo | None = None, *, hold: bool = False
+    ) -> None:
+        """Bring ``target`` up to date, then send the request's frames as they arrived."""
+        if info is None:
+            try:
+                info = scan(frames, self.ctx.analysis, self._statements.analyses)
+            except ProtocolViolation as exc:
+                self.client.send_error(exc)
+                self._finish()
+                return
+        name = target.name
+        expected = target.expected
+        out: list[bytes] = []
+        replay = self._settings.missing(name)
+        replay += self._statements.injections(name, info.needs)
+        if replay:
+            self.ctx.stats.replays[name] += len(replay)
+            for injected in replay:
+                expected.push_frontend(injected[0], swallow=True)
+            out.extend(replay)
+        for code, raw in frames:
+            expected.push_frontend(code)
+            out.append(raw)
+            if code in _EXTENDED:
+                self._extended_open = True
+            elif code == _SYNC:
+                self._extended_open = False
+        if hold:
+            self._hold = _Held(target, frames, target.scanner.errors)
+        target.send(b"".join(out))
+        self._current = target
+        self._after_forward(name, info)
+
+    def _after_forward(self, name: str, info: RequestInfo) -> None:
+        for stmt, raw, analysis in info.parses:
+            self._statements.parsed(stmt, raw, analysis, name)
+        for stmt in info.closes:
+            self._statements.closed(stmt, name)
+        if info.unnamed_parsed:
+            self._unnamed_at = name
+        for sql, analysis in info.texts:
+            if analysis.pins:
+                self._pin(analysis.pins)
+            elif analysis.session_setting:
+                if self._tx_on is not None or analysis.tx_op is not None or analysis.statement_count > 1:
+                    # A setting inside a transaction may yet be rolled back: it cannot be replayed
+                    # elsewhere faithfully, so the session stays where the setting lives.
+                    self._pin({Pin.UNKNOWN_SESSION_STATE})
+                else:
+                    self._settings.record(sql, name)
+
+    def _pin(self, causes: set[Pin] | frozenset[Pin]) -> None:
+        for cause in causes - self.pinned:
+            self.ctx.stats.pins[cause.value] += 1
+        self.pinned |= causes
+
+    # --- opening other backends -------------------------------------------------------------
+
+    def _open_later(self, name: str) -> None:
+        self._blocked = True
+        self.client.pause_reading()  # requests wait, in order, until the backend is there
+        task = asyncio.get_running_loop().create_task(self._open(name), name=f"open-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, name: str) -> None:
+        try:
+            conn = await self._open_backend(name)
+        except PgShiftError as exc:
+            # The read goes to the primary instead; the backend is not tried again this session.
+            log.warning('session %s: backend "%s" unavailable for reads: %s', self.client.peer, name, exc.message)
+            self._down.add(name)
+            self.ctx.stats.failovers[(name, "connect")] += 1
+        else:
+            if self.state in (SessionState.RELAY, SessionState.DRAINING):
+                self._adopt(conn)
+            else:
+                conn.terminate()
+        finally:
+            self._blocked = False
+            if not self.client.closed:
+                self.client.resume_reading()
+            self._pump()
+
+    # --- backends → client ------------------------------------------------------------------
+
+    def backend_reply(self, conn: BackendConnection, data: bytes) -> None:
+        held = self._hold
+        if held is not None and held.conn is conn and not held.released:
+            if data:
+                held.chunks.append(data)
+                held.size += len(data)
+            if conn.scanner.idle:
+                self._hold = None
+                if conn.scanner.errors != held.errors_before:
+                    self._retry_on_primary(held, "error")
+                else:
+                    self._to_client(b"".join(held.chunks))
+            elif held.size > HOLD_LIMIT and conn.scanner.errors == held.errors_before:
+                held.released = True
+                self._to_client(b"".join(held.chunks))
+                held.chunks.clear()
+        elif data:
+            self._to_client(data)
+        if conn.scanner.idle:
+            if held is not None and held.released and held.conn is conn:
+                self._hold = None
+            self._tx_on = conn if conn.scanner.tx_status != _IDLE else None
+            if self._requests:
+                self._pump()
+        if self._draining:
+            self._end_if_drained()
+
+    def _retry_on_primary(self, held: _Held, cause: str) -> None:
+        primary = self.backends[self.ctx.routing.primary]
+        self.ctx.stats.failovers[(held.conn.name, cause)] += 1
+        log.info('session %s: read on backend "%s" failed (%s); retrying on the primary', self.client.peer,
+                 held.conn.name, cause)  # fmt: skip
+        self._forward(primary, held.frames)
+
+    def backend_lost(self, conn: BackendConnection, exc: BaseException | None) -> None:
+        if self.state is SessionState.CLOSED or self._done.done():
+            return
+        held = self._hold
+        if conn.name != self.ctx.routing.primary:
+            self.backends.pop(conn.name, None)
+            self._statements.forget_backend(conn.name)
+            self._settings.forget(conn.name)  # a new connection starts from scratch
+            if self._tx_on is conn:
+                self._tx_on = None
+            if held is not None and held.conn is conn and not held.released:
+                self._hold = None
+                self._retry_on_primary(held, "connection lost")
+                return
+            if conn.scanner.idle and (held is None or held.conn is not conn):
+                return  # an idle read backend went away: the next read reconnects
+        super().backend_lost(conn, exc)
+
+
+def _merge(analyses: list[Analysis]) -> Analysis | None:
+    """One analysis for a request of several statements: a read only if every one is."""
+    if not all(a.is_read for a in analyses):
+        return None
+    tables: frozenset[str] = frozenset().union(*(a.tables_read for a in analyses))
+    hint = next((a.hint for a in analyses if a.hint), None)
+    return replace(analyses[0], tables_read=tables, hint=hint)
