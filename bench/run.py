@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from proxy.errors import ClusterError  # noqa: E402
 from proxy.localpg import LocalCluster, create_cluster, free_port  # noqa: E402
 
-TARGETS = ("direct", "pgbouncer", "pgshift")
+TARGETS = ("direct", "pgbouncer", "pgshift", "routed")  # routed: pgshift, reads 50/50 over two clusters
 MODES = ("simple", "extended", "prepared")
 STARTUP_TIMEOUT = 20.0
 
@@ -171,23 +171,32 @@ def pgbouncer(cluster: LocalCluster, workdir: Path, pool_size: int) -> Iterator[
 
 
 @contextlib.contextmanager
-def pgshift(cluster: LocalCluster, workdir: Path) -> Iterator[tuple[int | None, str]]:
-    """Yield (port, "") with `python -m proxy serve` running, or (None, reason)."""
-    sdir = workdir / "pgshift"
+def pgshift(
+    cluster: LocalCluster, workdir: Path, second: LocalCluster | None = None
+) -> Iterator[tuple[int | None, str]]:
+    """Yield (port, "") with `python -m proxy serve` running, or (None, reason).
+
+    With ``second``, reads are split 50/50 between the two clusters (statement analysis on).
+    """
+    label = "routed" if second is not None else "pgshift"
+    sdir = workdir / label
     sdir.mkdir()
     port = free_port()
     config = sdir / "pgshift.toml"
-    config.write_text(
+    text = (
         "[listen]\n"
         'host = "127.0.0.1"\n'
         f"port = {port}\n"
         "\n"
         "[backends.main]\n"
-        f'dsn = "postgresql://127.0.0.1:{cluster.port}"\n'
-        "\n"
-        "[routing]\n"
-        'primary = "main"\n'
+        f'dsn = "postgresql://127.0.0.1:{cluster.port}?sslmode=disable"\n'
     )
+    if second is not None:
+        text += f'[backends.second]\ndsn = "postgresql://127.0.0.1:{second.port}?sslmode=disable"\n'
+    text += '\n[routing]\nprimary = "main"\n'
+    if second is not None:
+        text += "reads = { main = 50, second = 50 }\n"
+    config.write_text(text)
     stderr_path = sdir / "stderr.log"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -203,7 +212,7 @@ def pgshift(cluster: LocalCluster, workdir: Path) -> Iterator[tuple[int | None, 
         )
     try:
         if wait_for_port(port, proc):
-            PIDS["pgshift"] = proc.pid
+            PIDS[label] = proc.pid
             yield port, ""
         else:
             state = "exited" if proc.poll() is not None else f"no listener after {STARTUP_TIMEOUT:.0f}s"
@@ -298,7 +307,7 @@ def table_rows(results: list[Result], modes: Sequence[str], clients: Sequence[in
             cell = {t: by_key.get((mode, c, t)) or Result(mode, c, t) for t in TARGETS}
             tps = {t: cell[t].tps for t in TARGETS}
             lat = {t: cell[t].latency_ms for t in TARGETS}
-            cpu = {t: cell[t].cpu_us_per_tx for t in ("pgbouncer", "pgshift")}
+            cpu = {t: cell[t].cpu_us_per_tx for t in ("pgbouncer", "pgshift", "routed")}
             rows.append(
                 [mode, str(c)]
                 + [_fmt(tps[t], ".0f") for t in TARGETS]
@@ -306,10 +315,12 @@ def table_rows(results: list[Result], modes: Sequence[str], clients: Sequence[in
                 + [
                     _fmt(_ratio(tps["pgshift"], tps["pgbouncer"]), ".2f"),
                     _fmt(_ratio(tps["pgshift"], tps["direct"]), ".2f"),
+                    _fmt(_ratio(tps["routed"], tps["pgbouncer"]), ".2f"),
                     _fmt(_added_us(lat["pgbouncer"], lat["direct"]), "+.0f"),
                     _fmt(_added_us(lat["pgshift"], lat["direct"]), "+.0f"),
                     _fmt(cpu["pgbouncer"], ".1f"),
                     _fmt(cpu["pgshift"], ".1f"),
+                    _fmt(cpu["routed"], ".1f"),
                 ]
             )
     return rows
@@ -317,11 +328,11 @@ def table_rows(results: list[Result], modes: Sequence[str], clients: Sequence[in
 
 HEADERS = [
     "mode", "clients",
-    "tps direct", "tps pgbouncer", "tps pgshift",
-    "lat direct ms", "lat pgbouncer ms", "lat pgshift ms",
-    "pgshift/pgbouncer", "pgshift/direct",
+    "tps direct", "tps pgbouncer", "tps pgshift", "tps routed 50/50",
+    "lat direct ms", "lat pgbouncer ms", "lat pgshift ms", "lat routed ms",
+    "pgshift/pgbouncer", "pgshift/direct", "routed/pgbouncer",
     "+µs pgbouncer", "+µs pgshift",
-    "cpu µs/tx pgbouncer", "cpu µs/tx pgshift",
+    "cpu µs/tx pgbouncer", "cpu µs/tx pgshift", "cpu µs/tx routed",
 ]  # fmt: skip
 
 
@@ -388,18 +399,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"cluster failed: {exc}\n{exc.detail or ''}")
             return 1
         info["postgres"] = cluster.psql("SHOW server_version").strip()
-        log(f"pgbench -i -s {args.scale} ...")
-        init_argv = ["pgbench", "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(cluster.port)]
-        init = subprocess.run(
-            [*init_argv, "-U", "postgres", "postgres"],
-            capture_output=True,
-            text=True,
-            env=client_env(),
-            check=False,
-        )
-        if init.returncode != 0:
-            log(f"pgbench -i failed:\n{init.stderr}")
-            return 1
+        second = stack.enter_context(create_cluster("bench2"))
+        for target_cluster in (cluster, second):
+            log(f"pgbench -i -s {args.scale} on port {target_cluster.port} ...")
+            init_argv = [
+                "pgbench",
+                "-i",
+                "-q",
+                "-s",
+                str(args.scale),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(target_cluster.port),
+            ]
+            init = subprocess.run(
+                [*init_argv, "-U", "postgres", "postgres"],
+                capture_output=True,
+                text=True,
+                env=client_env(),
+                check=False,
+            )
+            if init.returncode != 0:
+                log(f"pgbench -i failed:\n{init.stderr}")
+                return 1
 
         workdir = make_workdir()
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -408,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for target, manager in (
             ("pgbouncer", pgbouncer(cluster, workdir, max(args.client_list))),
             ("pgshift", pgshift(cluster, workdir)),
+            ("routed", pgshift(cluster, workdir, second)),
         ):
             port, why = stack.enter_context(manager)
             ports[target] = port

@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 from proxy.sql.analysis import Analysis, analyze
 
 __all__ = ["AnalysisCache"]
+
+
+# Literals the key replaces: single-quoted strings (with '' escapes) and unsigned numbers.
+_LITERALS = re.compile(r"'(?:[^']|'')*'|(?<![\w.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
+_DO = re.compile(r"\bdo\b")
+# Texts whose analysis may depend on a literal's value, or whose literals the regex cannot see
+# safely, keep their exact text as key: dollar quotes and $n parameters, quoted identifiers,
+# backslash escapes, comments (hints live there), set_config (its is_local argument), EXPLAIN options, DO
+# bodies, and prefixed strings (E'', U&'', B'', X'', N''). Plain `in` scans: a regex here costs more.
+_UNSAFE_MARKS = ("$", '"', "\\", "--", "/*")
+
+
+def _prefixed_string(sql: str) -> bool:
+    """Whether a string literal opens right after a letter or & (E'…', U&'…', B'…', …)."""
+    i = sql.find("'")
+    while i >= 0:
+        if i and (sql[i - 1].isalpha() or sql[i - 1] == "&"):
+            return True
+        j = sql.find("'", i + 1)
+        while j >= 0 and sql.startswith("''", j):  # '' is an escaped quote inside the literal
+            j = sql.find("'", j + 2)
+        if j < 0:
+            return True  # unterminated: let the parser judge the exact text
+        i = sql.find("'", j + 1)
+    return False
+
+
+def literal_free_key(sql: str) -> str | None:
+    """A cache key equal for texts that differ only in literal values, or None when unsure."""
+    for mark in _UNSAFE_MARKS:
+        if mark in sql:
+            return None
+    if "'" in sql and _prefixed_string(sql):
+        return None
+    lowered = sql.lower()
+    # set_config(…, is_local), EXPLAIN (ANALYZE 0|1) and DO '…body…' are judged by their literals.
+    if "config" in lowered or "explain" in lowered or ("do" in lowered and _DO.search(lowered)):
+        return None
+    key = _LITERALS.sub("?", sql)
+    return "\x00" + key if key != sql else None  # NUL: never collides with a real SQL text
 
 
 class AnalysisCache:
@@ -33,15 +74,31 @@ class AnalysisCache:
         self._entries: OrderedDict[str, Analysis] = OrderedDict()
 
     def get(self, sql: str) -> Analysis:
-        """The analysis of ``sql``; the same object for the same text while it stays cached."""
+        """The analysis of ``sql``; the same object for the same text while it stays cached.
+
+        Texts that differ only in numeric and string literals (simple-protocol clients inline
+        their values: every pgbench -M simple statement is new text) share one entry under a
+        literal-free key, so they cost a regex instead of a parse.
+        """
         entries = self._entries
         found = entries.get(sql)
+        if found is None:
+            key = literal_free_key(sql)
+            if key is not None:
+                found = entries.get(key)
+                if found is None:
+                    self.misses += 1
+                    return self._store(key, analyze(sql))
+                sql = key
         if found is not None:
             entries.move_to_end(sql)
             self.hits += 1
             return found
         self.misses += 1
-        result = analyze(sql)
+        return self._store(sql, analyze(sql))
+
+    def _store(self, sql: str, result: Analysis) -> Analysis:
+        entries = self._entries
         size = len(sql)
         if size <= self.max_text_length and size <= self.max_total_length:
             entries[sql] = result

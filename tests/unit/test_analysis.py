@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from proxy.sql import Analysis, AnalysisCache, Kind, Pin, TxOp, analyze
 from proxy.sql.analysis import _FIELD_TYPES
+from proxy.sql.cache import literal_free_key
 from tests.unit.test_analysis_cases import BOOL_FIELDS, CASES, Case
 
 
@@ -149,15 +150,15 @@ def test_cache_counts_hits_and_misses_and_returns_the_same_object() -> None:
 
 def test_cache_evicts_least_recently_used() -> None:
     cache = AnalysisCache(capacity=2)
-    a = cache.get("SELECT 1")
-    cache.get("SELECT 2")
-    assert cache.get("SELECT 1") is a  # refreshes "SELECT 1"
-    cache.get("SELECT 3")  # evicts "SELECT 2", the least recently used
+    a = cache.get("SELECT a")
+    cache.get("SELECT b")
+    assert cache.get("SELECT a") is a  # refreshes "SELECT a"
+    cache.get("SELECT c")  # evicts "SELECT b", the least recently used
     assert len(cache) == 2
-    assert "SELECT 2" not in cache and "SELECT 1" in cache and "SELECT 3" in cache
+    assert "SELECT b" not in cache and "SELECT a" in cache and "SELECT c" in cache
     hits = cache.hits
-    assert cache.get("SELECT 1") is a and cache.hits == hits + 1
-    cache.get("SELECT 2")
+    assert cache.get("SELECT a") is a and cache.hits == hits + 1
+    cache.get("SELECT b")
     assert cache.misses == 4
 
 
@@ -166,7 +167,7 @@ def test_cache_bounds_memory_by_text_length() -> None:
     long = "SELECT " + "1," * 60 + "1"
     assert cache.get(long).kind is Kind.READ
     assert len(cache) == 0  # too long to keep
-    texts = [f"SELECT {i} " + "x" * 80 for i in range(4)]  # ~90 characters each
+    texts = [f"SELECT c{i} " + "x" * 80 for i in range(4)]  # ~90 characters each
     for text in texts:
         cache.get(text)
     assert len(cache) == 2 and texts[0] not in cache and texts[3] in cache
@@ -189,3 +190,53 @@ def test_cache_clear_keeps_counters() -> None:
     cache.get("SELECT 1")
     cache.clear()
     assert len(cache) == 0 and (cache.hits, cache.misses) == (1, 1)
+
+
+# --- literal-free cache keys ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 99;",
+        ),
+        ("select * from t where a = 'x''y' and b = 1.5e3", "select * from t where a = 'z' and b = 2"),
+        ("SET search_path = 'a'", "SET search_path = 'b'"),
+    ],
+)
+def test_texts_differing_only_in_literals_share_a_key(a: str, b: str) -> None:
+    assert literal_free_key(a) is not None
+    assert literal_free_key(a) == literal_free_key(b)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select $1::int",
+        'select "col 1" from t',
+        "select 1 /* pgshift:route=new */",
+        "select 1 -- pgshift:route=new",
+        "select set_config('a', 'b', false)",
+        "EXPLAIN (ANALYZE 0) DELETE FROM t",
+        "DO 'begin perform 1; end'",
+        "select E'\\\\x'",
+        "select 'unterminated",
+    ],
+)
+def test_texts_whose_analysis_depends_on_literals_keep_their_exact_text(sql: str) -> None:
+    assert literal_free_key(sql) is None
+
+
+def test_explain_analyze_is_never_confused_by_the_cache() -> None:
+    cache = AnalysisCache()
+    assert cache.get("EXPLAIN (ANALYZE 0) DELETE FROM t").kind is not Kind.WRITE
+    assert cache.get("EXPLAIN (ANALYZE 1) DELETE FROM t").kind is Kind.WRITE
+
+
+def test_cache_hit_through_the_literal_free_key() -> None:
+    cache = AnalysisCache()
+    first = cache.get("select * from items where id = 1")
+    assert cache.get("select * from items where id = 2") is first
+    assert (cache.hits, cache.misses) == (1, 1)
