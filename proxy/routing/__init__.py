@@ -1,7 +1,7 @@
 """Pure routing decisions: which backend serves a request (no IO, no pglast, injected randomness)."""
 
-from proxy.routing.decide import Decision, Reason, RouteContext, decide
+from proxy.routing.decide import Decision, Plan, Reason, RouteContext, decide, plan
 from proxy.routing.stats import RoutingStats
 from proxy.routing.table import RoutingTable, Rule
 
-__all__ = ["Decision", "Reason", "RouteContext", "RoutingStats", "RoutingTable", "Rule", "decide"]
+__all__ = ["Decision", "Plan", "Reason", "RouteContext", "RoutingStats", "RoutingTable", "Rule", "decide", "plan"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from proxy.routing.table import RoutingTable
+from proxy.routing.table import RoutingTable, WeightedChoice
 from proxy.sql import Analysis, Kind
 
 
@@ -40,6 +40,10 @@ class Decision:
     reason: Reason
     rule: str | None = None  # the rule that chose the weights (or "" for the default)
     sticky: bool = False  # a fresh draw the session must keep for this rule
+    stat_key: tuple[str, str] = ("", "")  # (target, reason) for the decision counters
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stat_key", (self.target, self.reason.value))
 
 
 def _routable(analysis: Analysis, functions_safe: bool) -> bool:
@@ -55,25 +59,53 @@ def _read_but_for_functions(a: Analysis) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The deterministic part of a decision for one statement (memoisable per analysis, user and
+    application); ``draw`` adds the weighted random choice and the session's sticky draws."""
+
+    fixed: Decision | None  # not a read, or a hint: no draw
+    choice: WeightedChoice | None = None
+    rule: str = ""
+    reason: Reason = Reason.DEFAULT
+    sticky: bool = False
+    outcomes: dict[str, Decision] = field(default_factory=dict)  # one Decision per backend, built once
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            for name in self.choice.names:
+                self.outcomes[name] = Decision(name, self.reason, self.rule, self.sticky)
+
+    def draw(self, rng: random.Random, sticky: Mapping[str, str] | None = None) -> Decision:
+        if self.fixed is not None:
+            return self.fixed
+        if self.sticky and sticky is not None and self.rule in sticky:
+            return Decision(sticky[self.rule], Reason.STICKY, self.rule)
+        assert self.choice is not None
+        return self.outcomes[self.choice.pick(rng)]
+
+
+def plan(
+    analysis: Analysis, user: str, application_name: str, table: RoutingTable, functions_safe: bool = False
+) -> Plan:
+    """Everything about routing ``analysis`` that does not depend on chance or session state."""
+    # Transactions, BEGIN READ ONLY included, stay on the primary: a session setting made inside a
+    # transaction elsewhere could not be replayed faithfully (it may yet be rolled back).
+    if not _routable(analysis, functions_safe):
+        return Plan(Decision(table.primary, Reason.NOT_A_READ))
+    if analysis.hint is not None and analysis.hint in table.backends:
+        return Plan(Decision(analysis.hint, Reason.HINT))
+    tables = table.bare_tables(analysis.tables_read)
+    for rule in table.rules:
+        if rule.matches(tables, user, application_name):
+            return Plan(None, rule.reads, rule.name, Reason.RULE, rule.sticky)
+    return Plan(None, table.default, "", Reason.DEFAULT, table.default_sticky)
+
+
 def decide(ctx: RouteContext, table: RoutingTable, rng: random.Random) -> Decision:
     """Route one request. Any doubt → the primary (an application must see one database)."""
     if ctx.in_transaction is not None:
         return Decision(ctx.in_transaction, Reason.IN_TRANSACTION)
     if ctx.pinned:
         return Decision(table.primary, Reason.PINNED)
-    a = ctx.analysis
-    # Transactions, BEGIN READ ONLY included, stay on the primary: a session setting made inside a
-    # transaction elsewhere could not be replayed faithfully (it may yet be rolled back).
-    if not _routable(a, ctx.functions_safe):
-        return Decision(table.primary, Reason.NOT_A_READ)
-    if a.hint is not None and a.hint in table.backends:
-        return Decision(a.hint, Reason.HINT)
-    tables = table.bare_tables(a.tables_read)
-    for rule in table.rules:
-        if rule.matches(tables, ctx.user, ctx.application_name):
-            if rule.sticky and ctx.sticky is not None and rule.name in ctx.sticky:
-                return Decision(ctx.sticky[rule.name], Reason.STICKY, rule.name)
-            return Decision(rule.reads.pick(rng), Reason.RULE, rule.name, rule.sticky)
-    if table.default_sticky and ctx.sticky is not None and "" in ctx.sticky:
-        return Decision(ctx.sticky[""], Reason.STICKY, "")
-    return Decision(table.default.pick(rng), Reason.DEFAULT, "", table.default_sticky)
+    return plan(ctx.analysis, ctx.user, ctx.application_name, table, ctx.functions_safe).draw(rng, ctx.sticky)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from proxy.errors import ProtocolViolation
 from proxy.sql import Analysis, AnalysisCache
 from proxy.wire.codes import FrontendCode
-from proxy.wire.messages import Parse, Query
+from proxy.wire.messages import Parse
 
 RawFrame = tuple[int, bytes]  # (type code, the whole message as it arrived)
 
@@ -26,19 +24,25 @@ def _cstring(body: bytes, pos: int) -> tuple[str, int]:
     return body[pos:end].decode(errors="replace"), end + 1
 
 
-@dataclass
 class RequestInfo:
-    texts: list[tuple[str, Analysis]] = field(default_factory=list)  # SQL of Query/Parse messages
-    used: list[Analysis] = field(default_factory=list)  # of named statements executed, parsed earlier
-    parses: list[tuple[str, bytes, Analysis]] = field(default_factory=list)  # (name, Parse frame, analysis)
-    needs: list[str] = field(default_factory=list)  # named statements used but not parsed here
-    closes: list[str] = field(default_factory=list)  # named statements the client closes
-    unnamed_parsed: bool = False
-    unnamed_used: bool = False  # Bind/Describe of the unnamed statement without a Parse here
-    function_call: bool = False
+    """What scan() found; a slotted plain class (one per request, so cheap to build)."""
+
+    __slots__ = ("closes", "function_call", "needs", "parses", "texts", "unnamed_parsed", "unnamed_used", "used")
+
+    def __init__(self) -> None:
+        self.texts: list[tuple[str, Analysis]] = []  # SQL of Query/Parse messages
+        self.used: list[Analysis] = []  # of named statements executed, parsed earlier
+        self.parses: list[tuple[str, bytes, Analysis]] = []  # (name, Parse frame, analysis)
+        self.needs: list[str] = []  # named statements used but not parsed here
+        self.closes: list[str] = []  # named statements the client closes
+        self.unnamed_parsed = False
+        self.unnamed_used = False  # Bind/Describe of the unnamed statement without a Parse here
+        self.function_call = False
 
     @property
     def analyses(self) -> list[Analysis]:
+        if not self.used:
+            return [a for _, a in self.texts]
         return [a for _, a in self.texts] + self.used
 
 
@@ -50,7 +54,9 @@ def scan(frames: list[RawFrame], cache: AnalysisCache, known: dict[str, Analysis
     for code, raw in frames:
         body = raw[5:]
         if code == _Q:
-            sql = Query.decode(body).sql
+            if body[-1:] != b"\x00":
+                raise ProtocolViolation("malformed Query message: missing terminator")
+            sql = body[:-1].decode(errors="replace")  # a Query body is the text and its NUL
             info.texts.append((sql, cache.get(sql)))
         elif code == _P:
             parse = Parse.decode(body)

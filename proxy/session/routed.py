@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from proxy.backends.connection import BackendConnection, BackendSink
 from proxy.errors import PgShiftError, ProtocolViolation
-from proxy.routing import Reason, RouteContext, decide
+from proxy.routing import Plan, Reason, plan
 from proxy.session.client import ClientConnection
 from proxy.session.requests import RawFrame, RequestInfo, scan
 from proxy.session.session import Session, SessionContext, SessionState
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _TERMINATE = FrontendCode.TERMINATE.value
 _SYNC = FrontendCode.SYNC.value
+_FLUSH = FrontendCode.FLUSH.value
 # Messages that end a request: the client waits for an answer after them.
 _BOUNDARY = frozenset(
     c.value
@@ -47,7 +48,8 @@ _BOUNDARY = frozenset(
         FrontendCode.COPY_FAIL,
     )
 )
-# Extended-protocol messages: from the first of them to Sync, one backend serves them all.
+# Extended-protocol messages: from the first of them to Sync, one backend serves them all. (Not
+# Flush: alone, as psycopg sends it after a pipeline's Sync, it starts nothing.)
 _EXTENDED = frozenset(
     c.value
     for c in (
@@ -56,7 +58,6 @@ _EXTENDED = frozenset(
         FrontendCode.DESCRIBE,
         FrontendCode.EXECUTE,
         FrontendCode.CLOSE,
-        FrontendCode.FLUSH,
     )
 )
 _IDLE = TxStatus.IDLE.value
@@ -66,6 +67,8 @@ _STREAM_AFTER = 64 * 1024
 # A held read is released to the client once its reply grows past this: failover is only for
 # reads that fail before anything reached the client, and memory stays bounded.
 HOLD_LIMIT = 256 * 1024
+# Routing plans memoised per session (statements an application uses repeat).
+_PLAN_MEMO = 1024
 
 
 @dataclass
@@ -116,6 +119,7 @@ class RoutedSession(Session):
         self._settings = SettingsLog()
         self._statements = PreparedStatements()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._plans: dict[int, tuple[Analysis, Plan]] = {}
 
     # --- lifecycle hooks ------------------------------------------------------------------
 
@@ -197,7 +201,7 @@ class RoutedSession(Session):
                     self.client.send_error(exc)
                     self._finish()
                     return
-                name = self._choose(info)
+                name = self._choose(info, open_ended=request[-1][0] == _FLUSH)
                 conn = self.backends.get(name)
                 if conn is None:
                     self._open_later(name)
@@ -207,7 +211,10 @@ class RoutedSession(Session):
             self._requests.popleft()
             self._forward(target, request, info, hold=hold)
 
-    def _choose(self, info: RequestInfo) -> str:
+    def _choose(self, info: RequestInfo, *, open_ended: bool = False) -> str:
+        """``open_ended``: the request ends with Flush, not Sync; what the client sends next up to
+        Sync must run on the same backend (same implicit transaction) and may write, so only the
+        primary can serve it."""
         table = self.ctx.routing
         stats = self.ctx.stats
         analyses = info.analyses
@@ -215,6 +222,7 @@ class RoutedSession(Session):
             return self._unnamed_at
         if (
             not analyses
+            or open_ended
             or info.function_call
             or info.unnamed_used
             or any(name not in self._statements.analyses for name in info.needs)
@@ -225,20 +233,25 @@ class RoutedSession(Session):
         if analysis is None:
             stats.decisions[(table.primary, Reason.NOT_A_READ.value)] += 1
             return table.primary
-        context = RouteContext(
-            analysis=analysis,
-            user=self.user,
-            application_name=self.client_params.get("application_name", ""),
-            sticky=self._sticky,
-        )
-        decision = decide(context, table, self.ctx.rng)
+        # The plan for a statement is the same every time in this session: memoised by the
+        # (cached, shared) analysis object; only the weighted draw happens per request.
+        memo = self._plans.get(id(analysis))
+        if memo is None or memo[0] is not analysis:
+            route = plan(analysis, self.user, self.client_params.get("application_name", ""), table)
+            if len(self._plans) > _PLAN_MEMO:
+                self._plans.clear()
+            self._plans[id(analysis)] = (analysis, route)
+        else:
+            route = memo[1]
+        decision = route.draw(self.ctx.rng, self._sticky)
         target = decision.target
         if decision.sticky and decision.rule is not None:
             self._sticky[decision.rule] = target
         if target in self._down:
             stats.failovers[(target, "unreachable")] += 1
-            target = table.primary
-        stats.decisions[(target, decision.reason.value)] += 1
+            stats.decisions[(table.primary, decision.reason.value)] += 1
+            return table.primary
+        stats.decisions[decision.stat_key] += 1
         return target
 
     def _forward(

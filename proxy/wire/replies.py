@@ -251,8 +251,10 @@ class ReplyScanner:
             if action and action <= _NEEDS_BODY and end > n:
                 break  # a small message we must read whole: hold it back until it is
             if cutting:
-                # Whose reply is this? Decided before the action below pops the head.
-                fwd = action in (_A_ASYNC, _A_PARAM) or not q or not q[0] & SWALLOW
+                # Whose reply is this? Decided before the action below pops the head. A
+                # ParameterStatus caused by a statement the proxy injected (a SET replayed on a
+                # read backend) is the proxy's too: the client sees only the primary's values.
+                fwd = action == _A_ASYNC or not q or not q[0] & SWALLOW
                 if fwd:
                     if run_start < 0:
                         run_start = pos
