@@ -10,6 +10,7 @@ import ssl
 
 from proxy.config import Config
 from proxy.routing import RoutingStats, RoutingTable
+from proxy.session.catalog import FunctionCatalog
 from proxy.session.client import ClientConnection
 from proxy.session.registry import SessionRegistry
 from proxy.session.routed import RoutedSession
@@ -42,6 +43,7 @@ class Server:
             analysis=AnalysisCache(),
             stats=RoutingStats(),
             rng=random.Random(),
+            catalog=FunctionCatalog(),
         )
         # Statement analysis and multi-backend bookkeeping only when reads can leave the primary;
         # otherwise every session is a plain relay to it (the fastest path).

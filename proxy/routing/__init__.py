@@ -1,7 +1,18 @@
 """Pure routing decisions: which backend serves a request (no IO, no pglast, injected randomness)."""
 
-from proxy.routing.decide import Decision, Plan, Reason, RouteContext, decide, plan
+from proxy.routing.decide import Decision, Plan, Reason, RouteContext, decide, needs_catalog, plan
 from proxy.routing.stats import RoutingStats
 from proxy.routing.table import RoutingTable, Rule
 
-__all__ = ["Decision", "Plan", "Reason", "RouteContext", "RoutingStats", "RoutingTable", "Rule", "decide", "plan"]
+__all__ = [
+    "Decision",
+    "Plan",
+    "Reason",
+    "RouteContext",
+    "RoutingStats",
+    "RoutingTable",
+    "Rule",
+    "decide",
+    "needs_catalog",
+    "plan",
+]

@@ -53,6 +53,11 @@ def _routable(analysis: Analysis, functions_safe: bool) -> bool:
     return functions_safe and bool(analysis.unknown_functions) and _read_but_for_functions(analysis)
 
 
+def needs_catalog(a: Analysis) -> bool:
+    """A read but for functions only the catalog can judge (``functions_safe`` would route it)."""
+    return not a.is_read and bool(a.unknown_functions) and _read_but_for_functions(a)
+
+
 def _read_but_for_functions(a: Analysis) -> bool:
     return a.kind is Kind.READ and not (
         a.locking or a.volatile or a.writable_cte or a.select_into or a.pins or a.backend_local

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 
 from proxy.backends.connection import BackendConnection, BackendSink
 from proxy.errors import PgShiftError, ProtocolViolation
-from proxy.routing import Plan, Reason, plan
+from proxy.routing import Plan, Reason, needs_catalog, plan
+from proxy.session.catalog import lookup_sql
 from proxy.session.client import ClientConnection
 from proxy.session.requests import RawFrame, RequestInfo, scan
 from proxy.session.session import Session, SessionContext, SessionState
@@ -30,12 +31,12 @@ from proxy.session.settings import SettingsLog
 from proxy.session.statements import PreparedStatements
 from proxy.sql import Analysis, Pin
 from proxy.wire.codes import FrontendCode, TxStatus
+from proxy.wire.messages import Query
 
 log = logging.getLogger(__name__)
 
 _TERMINATE = FrontendCode.TERMINATE.value
 _SYNC = FrontendCode.SYNC.value
-_FLUSH = FrontendCode.FLUSH.value
 # Messages that end a request: the client waits for an answer after them.
 _BOUNDARY = frozenset(
     c.value
@@ -120,8 +121,16 @@ class RoutedSession(Session):
         self._statements = PreparedStatements()
         self._tasks: set[asyncio.Task[None]] = set()
         self._plans: dict[int, tuple[Analysis, Plan]] = {}
+        self._lookups: set[str] = set()  # function names to ask the primary's pg_proc about
+        self._asked: deque[set[str]] = deque()  # lookups in flight, in order
 
     # --- lifecycle hooks ------------------------------------------------------------------
+
+    @property
+    def _database(self) -> str:
+        """The database the backends serve (a DSN may pin it; else the client's, default user)."""
+        pinned = self.ctx.config.backends[self.ctx.routing.primary].address.dbname
+        return pinned or self.client_params.get("database") or self.user
 
     def _all_backends(self) -> list[BackendConnection]:
         return list(self.backends.values())
@@ -144,6 +153,8 @@ class RoutedSession(Session):
 
     def _adopt(self, conn: BackendConnection) -> None:
         self.backends[conn.name] = conn
+        if conn.name == self.ctx.routing.primary:
+            conn.scanner.on_capture = self._catalog_answer
         early = conn.attach(_Port(self, conn))
         if early:
             self.backend_reply(conn, early)
@@ -201,7 +212,10 @@ class RoutedSession(Session):
                     self.client.send_error(exc)
                     self._finish()
                     return
-                name = self._choose(info, open_ended=request[-1][0] == _FLUSH)
+                # A request that leaves an extended-protocol sequence open (it ends with Flush,
+                # not Sync) binds what follows to its backend: only the primary may serve it.
+                open_ended = request[-1][0] != _SYNC and any(code in _EXTENDED for code, _ in request)
+                name = self._choose(info, open_ended=open_ended)
                 conn = self.backends.get(name)
                 if conn is None:
                     self._open_later(name)
@@ -212,9 +226,8 @@ class RoutedSession(Session):
             self._forward(target, request, info, hold=hold)
 
     def _choose(self, info: RequestInfo, *, open_ended: bool = False) -> str:
-        """``open_ended``: the request ends with Flush, not Sync; what the client sends next up to
-        Sync must run on the same backend (same implicit transaction) and may write, so only the
-        primary can serve it."""
+        """``open_ended``: what the client sends next up to Sync must run on the same backend (same
+        implicit transaction) and may write, so only the primary can serve this request."""
         table = self.ctx.routing
         stats = self.ctx.stats
         analyses = info.analyses
@@ -237,7 +250,16 @@ class RoutedSession(Session):
         # (cached, shared) analysis object; only the weighted draw happens per request.
         memo = self._plans.get(id(analysis))
         if memo is None or memo[0] is not analysis:
-            route = plan(analysis, self.user, self.client_params.get("application_name", ""), table)
+            functions_safe = False
+            if needs_catalog(analysis):
+                verdict = self.ctx.catalog.verdict(self._database, analysis.unknown_functions)
+                if verdict is None:
+                    # Not known yet: this one runs on the primary, which is asked alongside.
+                    self._lookups |= self.ctx.catalog.claim(self._database, analysis.unknown_functions)
+                    stats.decisions[(table.primary, Reason.NOT_A_READ.value)] += 1
+                    return table.primary
+                functions_safe = verdict
+            route = plan(analysis, self.user, self.client_params.get("application_name", ""), table, functions_safe)
             if len(self._plans) > _PLAN_MEMO:
                 self._plans.clear()
             self._plans[id(analysis)] = (analysis, route)
@@ -275,6 +297,11 @@ class RoutedSession(Session):
             for injected in replay:
                 expected.push_frontend(injected[0], swallow=True)
             out.extend(replay)
+        if self._lookups and name == self.ctx.routing.primary:
+            names, self._lookups = self._lookups, set()
+            self._asked.append(names)
+            expected.push_frontend(FrontendCode.QUERY, capture=True)
+            out.append(Query(lookup_sql(names)).encode())
         for code, raw in frames:
             expected.push_frontend(code)
             out.append(raw)
@@ -305,6 +332,10 @@ class RoutedSession(Session):
                     self._pin({Pin.UNKNOWN_SESSION_STATE})
                 else:
                     self._settings.record(sql, name)
+
+    def _catalog_answer(self, replies: list[bytes]) -> None:
+        if self._asked:
+            self.ctx.catalog.learn(self._database, self._asked.popleft(), replies)
 
     def _pin(self, causes: set[Pin] | frozenset[Pin]) -> None:
         for cause in causes - self.pinned:
@@ -357,6 +388,14 @@ class RoutedSession(Session):
                 held.released = True
                 self._to_client(b"".join(held.chunks))
                 held.chunks.clear()
+        elif conn.name != self.ctx.routing.primary and (held is None or held.conn is not conn):
+            # A read backend serves only held reads; anything else it sends (the FATAL of its
+            # shutdown while idle, a notice) is not the client's, and says nothing about the
+            # session's transaction.
+            if data:
+                log.info('session %s: dropped %d unsolicited bytes from backend "%s"', self.client.peer, len(data),
+                         conn.name)  # fmt: skip
+            return
         elif data:
             self._to_client(data)
         if conn.scanner.idle:

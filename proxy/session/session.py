@@ -21,6 +21,7 @@ from proxy.errors import (
     ProtocolViolation,
 )
 from proxy.routing import RoutingStats, RoutingTable
+from proxy.session.catalog import FunctionCatalog
 from proxy.session.client import ClientConnection, ClientGone
 from proxy.session.handshake import ScramKeys, authenticate, read_startup
 from proxy.session.registry import SessionRegistry
@@ -64,6 +65,7 @@ class SessionContext:
     analysis: AnalysisCache
     stats: RoutingStats
     rng: random.Random
+    catalog: FunctionCatalog
 
 
 class Session(BackendSink):

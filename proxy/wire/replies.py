@@ -26,6 +26,9 @@ _U32 = struct.Struct("!I")
 # Entry kinds. Plain ints on the hot path; SWALLOW marks replies the client must not see.
 PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNCTION_CALL = range(1, 9)
 SWALLOW = 0x100
+# The replies are the proxy's own question (a catalog lookup): swallowed, and handed to the
+# scanner's on_capture callback when complete.
+CAPTURE = 0x200
 _KIND = 0xFF
 KIND_NAMES = {
     PARSE: "Parse",
@@ -97,10 +100,14 @@ class ExpectedReplies:
         items = [KIND_NAMES[e & _KIND] + ("(swallow)" if e & SWALLOW else "") for e in self._q]
         return f"ExpectedReplies({items}, skip_until_sync={self.skip_until_sync})"
 
-    def push_frontend(self, code: int, swallow: bool = False) -> None:
+    def push_frontend(self, code: int, swallow: bool = False, capture: bool = False) -> None:
         """Record a frontend message just sent to the backend."""
         kind = EXPECT_FOR[code]
         if not kind:
+            return
+        if capture:
+            self.swallowing += 1
+            self._q.append(kind | SWALLOW | CAPTURE)
             return
         if self.skip_until_sync:
             # The backend discards everything up to Sync after an error; expect nothing back.
@@ -177,10 +184,12 @@ class ReplyScanner:
         "_fwd",
         "_pending",
         "_skip",
+        "captured",
         "errors",
         "expected",
         "last_code",
         "max_size",
+        "on_capture",
         "on_parameter",
         "tx_status",
     )
@@ -200,6 +209,8 @@ class ReplyScanner:
         self._fwd = True  # whether those bytes go to the client
         self.last_code = 0  # type of the last message started so far
         self.errors = 0  # ErrorResponses forwarded to the client (read failover watches this)
+        self.captured: list[bytes] = []  # whole messages answering a CAPTURE entry
+        self.on_capture: Callable[[list[bytes]], None] | None = None
 
     @property
     def idle(self) -> bool:
@@ -250,6 +261,10 @@ class ReplyScanner:
             action = actions[code]
             if action and action <= _NEEDS_BODY and end > n:
                 break  # a small message we must read whole: hold it back until it is
+            if cutting and q and q[0] & CAPTURE and action != _A_ASYNC:
+                if end > n:
+                    break  # captured answers are small: keep the message whole
+                self.captured.append(data[pos:end])
             if cutting:
                 # Whose reply is this? Decided before the action below pops the head. A
                 # ParameterStatus caused by a statement the proxy injected (a SET replayed on a
@@ -265,8 +280,10 @@ class ReplyScanner:
             if action:
                 if action == _A_READY:
                     self.tx_status = data[pos + 5]
-                    if q:
-                        q.popleft()
+                    if q and q.popleft() & CAPTURE:
+                        captured, self.captured = self.captured, []
+                        if self.on_capture is not None:
+                            self.on_capture(captured)
                 elif action == _A_EXEC_DONE:
                     if q and q[0] & _KIND == EXECUTE:
                         q.popleft()

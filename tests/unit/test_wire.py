@@ -303,3 +303,17 @@ def test_push_frames_records_replies_and_finds_terminate() -> None:
     _, frames = FrameReader(MAX).feed(frame(ord("B"), b"") + frame(ord("S"), b""))
     assert fifo.push_frames(frames) == -1
     assert len(fifo) == 2 and not fifo.skip_until_sync  # Bind skipped, Sync expected
+
+
+def test_captured_replies_go_to_the_proxy_not_the_client() -> None:
+    fifo = ExpectedReplies()
+    fifo.push_frontend(ord("Q"), capture=True)
+    fifo.push_frontend(ord("Q"))
+    scanner = ReplyScanner(fifo, MAX)
+    got: list[list[bytes]] = []
+    scanner.on_capture = got.append
+    mine = ROW_DESC + ROW + DONE + rfq()
+    theirs = ROW_DESC + ROW + DONE + rfq()
+    assert feed_chunked(scanner, mine + NOTICE + theirs, [4, 9, 17, 30]) == NOTICE + theirs
+    assert got == [[ROW_DESC, ROW, DONE, rfq()]]
+    assert scanner.idle
