@@ -1,12 +1,14 @@
-"""Micro-benchmark of the relay's pure-Python work per pgbench round trip (framing + reply FIFO).
+"""Micro-benchmarks of the relay's pure-Python work: framing + reply FIFO per pgbench round trip,
+and the statement-analysis cache (hit, literal-free-key hit, miss).
 
-python bench/codec.py  — prints µs per request+reply for the simple, extended and prepared shapes.
+python bench/codec.py
 """
 
 from __future__ import annotations
 
 import timeit
 
+from proxy.sql import AnalysisCache, analyze
 from proxy.wire.codes import FRONTEND_CODES
 from proxy.wire.framing import FrameReader
 from proxy.wire.messages import Parse, Query, frame
@@ -52,6 +54,22 @@ def main() -> None:
         n = 200_000
         seconds = min(timeit.repeat(round_trip, number=n, repeat=3))
         print(f"{name:<9} {seconds / n * 1e6:5.2f} µs per request+reply")
+    analysis_cache()
+
+
+def analysis_cache() -> None:
+    cache = AnalysisCache()
+    prepared = SQL
+    cache.get(prepared)
+    n = 200_000
+    hit = min(timeit.repeat(lambda: cache.get(prepared), number=n, repeat=3)) / n
+    texts = iter([SQL.replace("$1", str(i)) for i in range(n)] * 4)
+    cache.get(SQL.replace("$1", "0"))
+    literal = min(timeit.repeat(lambda: cache.get(next(texts)), number=n, repeat=3)) / n
+    miss = min(timeit.repeat(lambda: analyze(SQL), number=2000, repeat=3)) / 2000
+    print(f"analysis  {hit * 1e6:5.2f} µs cache hit (same text, as in extended/prepared mode)")
+    print(f"analysis  {literal * 1e6:5.2f} µs cache hit through the literal-free key (simple mode)")
+    print(f"analysis  {miss * 1e6:5.2f} µs uncached (pglast parse + walk)")
 
 
 if __name__ == "__main__":
