@@ -114,6 +114,7 @@ class RoutedSession(Session):
         self._extended_open = False  # extended-protocol messages sent since the last Sync
         self._unnamed_at: str | None = None  # backend holding the unnamed prepared statement
         self._blocked = False  # waiting for a backend connection to open
+        self._decided: str | None = None  # the head request's backend, decided before it was opened
         self._hold: _Held | None = None
         self._down: set[str] = set()  # backends this session could not reach
         self._sticky: dict[str, str] = {}
@@ -215,9 +216,12 @@ class RoutedSession(Session):
                 # A request that leaves an extended-protocol sequence open (it ends with Flush,
                 # not Sync) binds what follows to its backend: only the primary may serve it.
                 open_ended = request[-1][0] != _SYNC and any(code in _EXTENDED for code, _ in request)
-                name = self._choose(info, open_ended=open_ended)
+                # Decided once: not drawn again (nor counted again) once its backend is open.
+                name = self._decided or self._choose(info, open_ended=open_ended)
+                self._decided = None
                 conn = self.backends.get(name)
                 if conn is None:
+                    self._decided = name
                     self._open_later(name)
                     return
                 target = conn
@@ -236,6 +240,10 @@ class RoutedSession(Session):
         if (
             not analyses
             or open_ended
+            # A named statement is parsed on the primary first, whatever it is: transactions run
+            # there, and a lazy re-Parse inside a failed transaction would fail ("current
+            # transaction is aborted"), leaving the statement missing. Other backends re-Parse it.
+            or info.parses
             or info.function_call
             or info.unnamed_used
             or any(name not in self._statements.analyses for name in info.needs)
@@ -358,6 +366,7 @@ class RoutedSession(Session):
             # The read goes to the primary instead; the backend is not tried again this session.
             log.warning('session %s: backend "%s" unavailable for reads: %s', self.client.peer, name, exc.message)
             self._down.add(name)
+            self._decided = self.ctx.routing.primary
             self.ctx.stats.failovers[(name, "connect")] += 1
         else:
             if self.state in (SessionState.RELAY, SessionState.DRAINING):
