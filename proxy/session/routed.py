@@ -143,14 +143,7 @@ class RoutedSession(Session):
         self._to_client = client.transport.write
         self._adopt(backend)
         self._current = backend
-        client.on_lost = self._client_lost
-        client.on_write_paused = self._client_write_paused
-        unread = client.take_unread()
-        client.on_data = self._client_data
-        if unread:
-            self._client_data(unread)
-        if client.closed:
-            self._finish()
+        self._listen_to_client()
 
     def _adopt(self, conn: BackendConnection) -> None:
         self.backends[conn.name] = conn

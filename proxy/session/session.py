@@ -183,6 +183,11 @@ class Session(BackendSink):
         early = backend.attach(self)
         if early:
             self._to_client(early)
+        self._listen_to_client()
+
+    def _listen_to_client(self) -> None:
+        """Hand the client's callbacks to the relay, then relay what it already sent."""
+        client = self.client
         client.on_lost = self._client_lost
         client.on_write_paused = self._client_write_paused
         unread = client.take_unread()
