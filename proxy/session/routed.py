@@ -424,6 +424,8 @@ class RoutedSession(Session):
             self.backends.pop(conn.name, None)
             self._statements.forget_backend(conn.name)
             self._settings.forget(conn.name)  # a new connection starts from scratch
+            if self._unnamed_at == conn.name:
+                self._unnamed_at = None  # its unnamed statement went with it
             if self._tx_on is conn:
                 self._tx_on = None
             if held is not None and held.conn is conn and not held.released:
