@@ -236,10 +236,6 @@ class Config(BaseModel):
                 )
         return self
 
-    @property
-    def primary(self) -> tuple[str, BackendConfig]:
-        return self.routing.primary, self.backends[self.routing.primary]
-
 
 def _format_errors(exc: ValidationError) -> str:
     lines = []

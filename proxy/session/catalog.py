@@ -8,17 +8,14 @@ goes to the primary, with a lookup query injected ahead of it whose answer the p
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Iterable
 
 from proxy.wire.codes import BackendCode
+from proxy.wire.messages import decode_data_row
 
 # A lookup whose answer never came (the session ended first) may be asked again after this.
 RETRY_AFTER = 30.0
-
-_I16 = struct.Struct("!h")
-_I32 = struct.Struct("!i")
 
 
 def bare(name: str) -> str:
@@ -33,21 +30,6 @@ def lookup_sql(names: Iterable[str]) -> str:
         "SELECT p.proname, bool_and(p.provolatile <> 'v' AND p.prokind = 'f') "
         f"FROM pg_catalog.pg_proc p WHERE p.proname = ANY (ARRAY[{quoted}]::name[]) GROUP BY 1"
     )
-
-
-def _data_row(message: bytes) -> list[str | None]:
-    (count,) = _I16.unpack_from(message, 5)
-    pos = 7
-    out: list[str | None] = []
-    for _ in range(count):
-        (length,) = _I32.unpack_from(message, pos)
-        pos += 4
-        if length < 0:
-            out.append(None)
-        else:
-            out.append(message[pos : pos + length].decode(errors="replace"))
-            pos += length
-    return out
 
 
 class FunctionCatalog:
@@ -91,10 +73,9 @@ class FunctionCatalog:
         if not failed:
             for message in replies:
                 if message[:1] == bytes([BackendCode.DATA_ROW]):
-                    row = _data_row(message)
-                    name, safe = [*row, None, None][:2]
-                    if name is not None:
-                        found[name] = safe == "t"
+                    row = decode_data_row(message[5:])
+                    if len(row) == 2 and row[0] is not None:
+                        found[row[0].decode(errors="replace")] = row[1] == b"t"
         known = self._safe.setdefault(database, {})
         for name in names:
             known[name] = found.get(name, False)

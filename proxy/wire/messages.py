@@ -425,3 +425,25 @@ class CommandComplete:
 
 TERMINATE = frame(FrontendCode.TERMINATE, b"")
 SYNC = frame(FrontendCode.SYNC, b"")
+
+
+def decode_data_row(payload: bytes) -> list[bytes | None]:
+    """A DataRow body: its column values as raw bytes (None for SQL NULL)."""
+    if len(payload) < 2:
+        raise ProtocolViolation("malformed DataRow message")
+    (count,) = struct.unpack_from("!h", payload, 0)
+    pos = 2
+    values: list[bytes | None] = []
+    for _ in range(count):
+        if pos + 4 > len(payload):
+            raise ProtocolViolation("malformed DataRow message: truncated")
+        (length,) = _I32.unpack_from(payload, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+            continue
+        if pos + length > len(payload):
+            raise ProtocolViolation("malformed DataRow message: truncated")
+        values.append(payload[pos : pos + length])
+        pos += length
+    return values

@@ -139,12 +139,6 @@ class ExpectedReplies:
                 return start
         return -1
 
-    def head(self) -> int:
-        return self._q[0] if self._q else 0
-
-    def pop(self) -> int:
-        return self._q.popleft() if self._q else 0
-
     def error(self) -> None:
         """ErrorResponse while the head is an extended-protocol step: drop entries up to Sync."""
         q = self._q

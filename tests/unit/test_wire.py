@@ -317,3 +317,20 @@ def test_captured_replies_go_to_the_proxy_not_the_client() -> None:
     assert feed_chunked(scanner, mine + NOTICE + theirs, [4, 9, 17, 30]) == NOTICE + theirs
     assert got == [[ROW_DESC, ROW, DONE, rfq()]]
     assert scanner.idle
+
+
+def test_data_row_decoding() -> None:
+    from proxy.wire.messages import decode_data_row
+
+    assert decode_data_row(b"\x00\x02\x00\x00\x00\x02ab\xff\xff\xff\xff") == [b"ab", None]
+    with pytest.raises(ProtocolViolation):
+        decode_data_row(b"\x00\x01\x00\x00\x00\x09ab")
+
+
+@given(st.binary(max_size=100))
+@settings(max_examples=200, deadline=None)
+def test_data_row_garbage_is_a_protocol_violation(data: bytes) -> None:
+    from proxy.wire.messages import decode_data_row
+
+    with contextlib.suppress(ProtocolViolation):
+        decode_data_row(data)
