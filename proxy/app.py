@@ -3,50 +3,118 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from proxy.admin.api import AdminApi
+from proxy.admin.metrics import build_registry
 from proxy.config import Config
+from proxy.control.plane import ControlPlane
+from proxy.errors import PgShiftError
 from proxy.server import Server
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Running:
+    """What a started proxy consists of (tests and the demo get it through ``on_ready``)."""
+
+    server: Server
+    plane: ControlPlane
+    admin: AdminApi | None
 
 
 async def serve(
     config: Config,
     *,
     stop: asyncio.Event | None = None,
-    on_ready: Callable[[Server], Awaitable[None] | None] | None = None,
+    on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
     handle_signals: bool = True,
+    config_path: Path | None = None,
 ) -> None:
-    """Run the proxy until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down gracefully."""
+    """Run the proxy until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down gracefully.
+    SIGHUP re-reads ``config_path``."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    if handle_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
     server = Server(config)
-    await server.start()
-    # The relay allocates short-lived tuples and lists per message; with the default gen-0
-    # threshold (700) the collector runs every few requests. Freeze what startup built and
-    # collect less often: the relay creates no reference cycles.
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    listen_port = config.listen.port
+    plane = ControlPlane(
+        config,
+        server.live,
+        server.ctx.requests,
+        instance=config.control.instance or f"{socket.gethostname()}:{listen_port}",
+        config_path=config_path,
+    )
+    # The routing version is settled before the first client is accepted: a session must never
+    # start on a primary that a persisted flip has already replaced.
+    await plane.start()
+    admin: AdminApi | None = None
+    background: asyncio.Task[None] | None = None
+    signals: list[signal.Signals] = []
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_soon() -> None:
+        task = loop.create_task(_reload(plane), name="sighup-reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     try:
+        await server.start()
+        if not listen_port and not config.control.instance:
+            plane.instance = f"{socket.gethostname()}:{server.port}"
+        if config.admin.enabled:
+            admin = AdminApi(server, plane, build_registry(server, plane))
+            await admin.start()
+            plane.admin_address = f"{config.admin.host}:{admin.port}"
+        background = loop.create_task(plane.run(stop), name="control-plane")
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, reload_soon)
+            signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+        # The relay allocates short-lived tuples and lists per message; with the default gen-0
+        # threshold (700) the collector runs every few requests. Freeze what startup built and
+        # collect less often: the relay creates no reference cycles.
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         if on_ready is not None:
-            result = on_ready(server)
+            result = on_ready(Running(server, plane, admin))
             if result is not None:
                 await result
         await stop.wait()
     finally:
-        if handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        stop.set()
         await server.stop(config.proxy.shutdown_grace)
+        if admin is not None:
+            await admin.stop()
+        if background is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(background, 5.0)
+        await plane.close()
+
+
+async def _reload(plane: ControlPlane) -> None:
+    try:
+        result = await plane.reload("SIGHUP")
+    except PgShiftError as exc:
+        log.error("reload rejected, running state kept: %s", exc.message)
+        return
+    log.info(
+        "reload done: routing version %d%s",
+        result.version.version,
+        " (new, from config.toml)" if result.routing_changed else " (unchanged)",
+    )
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

@@ -1,15 +1,41 @@
-"""Command line: `pgshift serve | passwd | demo` (also `python -m proxy …`)."""
+"""Command line: `pgshift serve | passwd | demo`, and the operator commands that call a running proxy's
+admin API: `status | weights set | flip | rollback | history | reload` (also `python -m proxy …`)."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import logging
+import re
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
-from proxy.errors import PgShiftError
+from proxy.errors import ConfigError, PgShiftError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from proxy.admin.client import AdminClient
+
+EXIT_USAGE = 2  # usage error, or a local configuration problem (argparse exits 2 too)
+
+EXIT_CODES = """\
+exit codes (the admin commands: status, weights, flip, rollback, history, reload):
+  0  success, including a change that was already in effect ("no change")
+  2  usage error, or a local configuration problem
+  3  the admin API could not be reached (connection refused, timeout, name resolution)
+  4  the admin API refused the request (HTTP 4xx: invalid 400, token 401/403, unknown 404,
+     version conflict 409, body too large 413); its message is printed as "pgshift: <message>"
+  5  the proxy failed to do it (HTTP 5xx, e.g. 503: control store unreachable)
+
+The admin commands find the API at --admin URL, else at the [admin] host and port of --config
+(default ./config.toml, else http://127.0.0.1:9187); the token comes from $PGSHIFT_ADMIN_TOKEN,
+else the config's [admin] token."""
 
 
 def _setup_logging(level: str) -> None:
@@ -26,7 +52,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     logging.getLogger("proxy").info("pgshift %s starting (config %s)", __version__, args.config)
-    run(serve(config))
+    run(serve(config, config_path=args.config))
     return 0
 
 
@@ -54,8 +80,283 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.port, proxy=not args.no_proxy)
 
 
+# --- operator commands: calls to a running proxy's admin API ----------------------------------
+
+
+def _admin(args: argparse.Namespace) -> AdminClient:
+    from proxy.admin.client import AdminClient, find_target
+
+    if args.log_level != "debug":  # httpx logs every request at INFO
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    explicit = args.config is not None
+    target, warning = find_target(args.config if explicit else Path("config.toml"), url=args.admin, required=explicit)
+    if warning:
+        print(f"pgshift: warning: {warning}", file=sys.stderr)
+    return AdminClient(target, timeout=args.timeout)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _print_change(result: dict[str, Any]) -> None:
+    if not result.get("changed"):
+        print(f"no change: routing is already at version {result.get('version')}")
+        return
+    print(f"routing version {result.get('version')} (changed)")
+    for line in result.get("changes") or []:
+        print(f"  {_clean(line)}")
+
+
+def _mutation(args: argparse.Namespace, call: Any) -> int:
+    with _admin(args) as api:
+        result: dict[str, Any] = call(api)
+    if args.json:
+        _print_json(result)
+    else:
+        _print_change(result)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _admin(args) as api:
+        state = api.state()
+    if args.json:
+        _print_json(state)
+    else:
+        for line in _render_status(state):
+            print(line)
+    return 0
+
+
+def _weight(token: str) -> tuple[str, int]:
+    """``NAME=W`` with W a whole number >= 0 (ASCII digits only: no sign, no decimals)."""
+    name, sep, value = token.partition("=")
+    if not sep or not name or not re.fullmatch(r"[0-9]+", value):
+        raise argparse.ArgumentTypeError(f"{token!r}: expected NAME=W with W a whole number 0 or more, e.g. old=90")
+    return name, int(value)
+
+
+def _cmd_weights_set(args: argparse.Namespace) -> int:
+    reads: dict[str, int] = {}
+    for name, weight in args.weights:
+        if name in reads:
+            raise ConfigError(f"backend {name!r} is given twice")
+        reads[name] = weight
+    return _mutation(
+        args, lambda api: api.set_reads(reads, rule=args.rule, note=args.note, expect_version=args.expect_version)
+    )
+
+
+def _cmd_flip(args: argparse.Namespace) -> int:
+    return _mutation(args, lambda api: api.flip(args.primary, note=args.note, expect_version=args.expect_version))
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    return _mutation(args, lambda api: api.rollback(args.to, note=args.note, expect_version=args.expect_version))
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    with _admin(args) as api:
+        result = api.reload()
+    if args.json:
+        _print_json(result)
+        return 0
+    changed = "routing changed" if result.get("routing_changed") else "routing unchanged"
+    print(f"config reloaded: routing version {result.get('version')} ({changed})")
+    for warning in result.get("warnings") or []:
+        print(f"warning: {_clean(warning)}")
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    with _admin(args) as api:
+        history = api.history(args.limit)
+    if args.json:
+        _print_json(history)
+        return 0
+    current = history.get("current")
+    rows = [
+        [
+            ("* " if v.get("version") == current else "  ") + str(v.get("version")),
+            _utc(v.get("created_at")),
+            v.get("source"),
+            v.get("caller"),
+            v.get("note") or "",
+            "; ".join(str(c) for c in v.get("changes") or []),
+        ]
+        for v in history.get("versions") or []
+    ]
+    for line in _table(["  VERSION", "TIME (UTC)", "SOURCE", "CALLER", "NOTE", "CHANGES"], rows):
+        print(line)
+    print(f"(* current: version {current})")
+    return 0
+
+
+# --- human output ---------------------------------------------------------------------------
+
+
+def _clean(value: Any) -> str:
+    """A value from the API as one printable line (no terminal escapes, newlines or tabs)."""
+    text = "-" if value is None else str(value)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _table(headers: list[str], rows: list[list[Any]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Aligned columns; ``right``: indexes of right-aligned (numeric) columns."""
+    cells = [headers, *[[_clean(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  " + "  ".join(parts).rstrip())
+    return lines
+
+
+def _utc(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _ago(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    return _duration(time.time() - ts) + " ago"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _weights(weights: Any) -> str:
+    if not weights:
+        return "(all on the primary)"
+    return " ".join(f"{k}={v}" for k, v in sorted(weights.items()))
+
+
+def _number(value: Any, digits: int) -> str:
+    return "-" if not isinstance(value, int | float) else f"{value:.{digits}f}"
+
+
+def _render_status(state: dict[str, Any]) -> list[str]:
+    version = state.get("version")
+    changed = state.get("last_change") or {}
+    routing = state.get("routing") or {}
+    fixed = "" if state.get("live", True) else " (fixed at startup: [control] live = false)"
+    out = [f"instance {_clean(state.get('instance'))}: routing version {version}{fixed}"]
+    note = f' — "{_clean(changed["note"])}"' if changed.get("note") else ""
+    out.append(
+        f"  last change {_utc(changed.get('at'))} ({_ago(changed.get('at'))}) by {_clean(changed.get('caller'))}"
+        f" via {_clean(changed.get('source'))}{note}"
+    )
+
+    out += ["", "routing"]
+    out.append(f"  primary  {_clean(routing.get('primary'))}")
+    out.append(f"  mirrors  {_clean(', '.join(routing.get('mirrors') or []) or '(none)')}")
+    out.append(f"  reads    {_clean(_weights(routing.get('reads')))}   sticky {_clean(routing.get('sticky'))}")
+    rules = routing.get("rules") or []
+    if rules:
+        rows = []
+        for rule in rules:
+            criteria = " ".join(
+                f"{key}={','.join(rule[key])}" for key in ("tables", "users", "application_names") if rule.get(key)
+            )
+            rows.append([rule.get("name"), criteria, _weights(rule.get("reads")), rule.get("sticky")])
+        out += _table(["RULE", "CRITERIA", "READS", "STICKY"], rows)
+
+    store = state.get("store") or {}
+    if store.get("ok", True):
+        health = "ok"
+    else:
+        since = store.get("down_since")
+        health = f"DOWN since {_utc(since)} ({_duration(time.time() - since) if since else '-'}): {store.get('error')}"
+    out += ["", f"store  {_clean(store.get('kind'))} {_clean(store.get('location'))}: {_clean(health)}"]
+
+    instances = state.get("instances") or []
+    if instances:
+        out += ["", "instances"]
+        rows = []
+        for row in instances:
+            notes = []
+            if row.get("self"):
+                notes.append("this instance")
+            if row.get("version") != version:
+                notes.append(f"<-- DIFFERENT VERSION (this instance is at {version})")
+            age = row.get("heartbeat_age_s")
+            rows.append([
+                row.get("instance"), row.get("version"), "-" if age is None else f"{age:.1f}s",
+                "STALE" if row.get("stale") else "no", ", ".join(notes),
+            ])  # fmt: skip
+        out += _table(["NAME", "VERSION", "HEARTBEAT", "STALE", ""], rows, right=frozenset({1, 2}))
+
+    backends = state.get("backends") or {}
+    if backends:
+        out += ["", "backends"]
+        rows = []
+        down = []
+        for name, b in backends.items():
+            up = b.get("up")
+            if up is False:
+                down.append(f"  {_clean(name)} is DOWN: {_clean(b.get('probe_error'))}")
+            ratio = b.get("error_ratio")
+            rows.append([
+                name, b.get("role"), "?" if up is None else ("up" if up else "DOWN"), _number(b.get("probe_ms"), 1),
+                _number(b.get("requests_per_s"), 2), _number(b.get("mean_latency_ms"), 2),
+                _number(b.get("errors_per_s"), 3), "-" if ratio is None else f"{ratio * 100:.2f}%",
+                b.get("connections"),
+            ])  # fmt: skip
+        headers = ["NAME", "ROLE", "STATE", "PROBE ms", "REQ/s", "MEAN ms", "ERR/s", "ERRORS", "CONNS"]
+        out += _table(headers, rows, right=frozenset(range(3, 9)))
+        out += down
+
+    sessions = state.get("sessions") or {}
+    pinned = sessions.get("pinned_by_cause") or {}
+    causes = f" ({', '.join(f'{k} {v}' for k, v in sorted(pinned.items()))})" if pinned else ""
+    previous = sessions.get("on_previous_primary", 0)
+    primary = routing.get("primary")
+    by_primary = sessions.get("by_primary") or {}
+    where = ", ".join(f"{k} {v}" for k, v in sorted(by_primary.items()) if k != primary and v)
+    out += [
+        "",
+        f"sessions  {sessions.get('active', 0)} active, {sessions.get('starting', 0)} starting, "
+        f"{sessions.get('in_transaction', 0)} in a transaction, {sessions.get('pinned', 0)} pinned{causes}, "
+        f"{previous} on a previous primary" + (f" ({where})" if where else ""),
+    ]
+    return [_clean(line) for line in out]
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text) or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, {minimum} or more")
+        return int(text)
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds (more than 0, less than 3600)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgshift", description="Postgres proxy for zero-downtime migrations.")
+    parser = argparse.ArgumentParser(
+        prog="pgshift",
+        description="Postgres proxy for zero-downtime migrations.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"pgshift {__version__}")
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
@@ -78,7 +379,75 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-proxy", action="store_true", help="start only the clusters (for `serve --config config.toml`)"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    # Operator commands: options common to every call of the admin API, and to every change.
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument(
+        "--admin",
+        metavar="URL",
+        help="the admin API (default: [admin] host/port of --config, else http://127.0.0.1:9187)",
+    )
+    api.add_argument(
+        "--config", type=Path, metavar="PATH",
+        help="config.toml to read [admin] from (address, token); default ./config.toml if present",
+    )  # fmt: skip
+    api.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS", help="default: 5")
+    api.add_argument("--json", action="store_true", help="print the API's JSON answer as it is")
+    change = argparse.ArgumentParser(add_help=False, parents=[api])
+    change.add_argument("--note", metavar="TEXT", help="why: recorded with the new routing version")
+    change.add_argument(
+        "--expect-version", type=_count(1), metavar="N",
+        help="refuse (exit 4) unless routing is still at version N (guards against concurrent changes)",
+    )  # fmt: skip
+
+    def operator(name: str, summary: str, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=summary, description=summary, parents=parents, epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
+    status = operator("status", "show routing, store, instances, backends and sessions of a running proxy", [api])
+    status.set_defaults(func=_cmd_status)
+
+    weights = operator("weights", "change read weights", [])
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    weights_set = weights_sub.add_parser(
+        "set",
+        help="replace the read weights of the default routing, or of one rule",
+        description="Replace the read weights of the default routing (or of --rule RULE): backends not named get no "
+        "reads. Weights are relative, e.g. old=90 new=10.",
+        parents=[change], epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    weights_set.add_argument(
+        "weights", nargs="+", type=_weight, metavar="NAME=W", help="backend and its weight (0 or more)"
+    )
+    weights_set.add_argument("--rule", metavar="RULE", help="change this rule's weights instead of the default ones")
+    weights_set.set_defaults(func=_cmd_weights_set)
+
+    flip = operator("flip", "make another backend the primary (where writes go)", [change])
+    flip.add_argument("--primary", required=True, metavar="NAME", help="the backend that becomes the primary")
+    flip.set_defaults(func=_cmd_flip)
+
+    rollback = operator("rollback", "restore an earlier routing version (as a new version)", [change])
+    rollback.add_argument(
+        "--to", type=_count(1), metavar="N", help="the version to restore (default: the one the current replaced)"
+    )
+    rollback.set_defaults(func=_cmd_rollback)
+
+    history = operator("history", "list routing versions, newest first", [api])
+    history.add_argument("--limit", type=_count(0), default=20, metavar="N", help="how many (default 20; 0: all)")
+    history.set_defaults(func=_cmd_history)
+
+    reload = operator("reload", "make the proxy re-read its config file (like SIGHUP)", [api])
+    reload.set_defaults(func=_cmd_reload)
     return parser
+
+
+def _exit_code(exc: PgShiftError) -> int:
+    """3, 4 or 5 for a failed admin API call (see EXIT_CODES); 2 for every local error."""
+    from proxy.admin.client import AdminError
+
+    return exc.exit_code if isinstance(exc, AdminError) else EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgshift: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
-        return 2
+        return _exit_code(exc)
     except KeyboardInterrupt:
         return 130
     return code

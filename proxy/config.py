@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -191,8 +193,11 @@ class RuleConfig(BaseModel):
 
 
 class RoutingConfig(BaseModel):
+    """The routing document: [routing] in config.toml, and the body of every routing version."""
+
     model_config = _FROZEN
     primary: str
+    mirrors: list[str] = []  # backends that receive the primary's committed writes (issue 5)
     reads: Weights | None = None  # default read weights; absent = every read on the primary
     sticky: Literal["statement", "session"] = "statement"
     rules: list[RuleConfig] = []
@@ -205,10 +210,106 @@ class RoutingConfig(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"rule names must be unique: {', '.join(duplicates)}")
+        if len(set(self.mirrors)) != len(self.mirrors):
+            raise ValueError("mirrors lists a backend twice")
+        if self.primary in self.mirrors:
+            raise ValueError(f"backend {self.primary!r} cannot be both primary and a mirror")
         return self
 
     def rule_names(self) -> list[str]:
         return [rule.name or f"rule{i + 1}" for i, rule in enumerate(self.rules)]
+
+    def named(self) -> RoutingConfig:
+        """The same routing with every rule named (``ruleN`` by position), so rules can be addressed."""
+        if all(rule.name for rule in self.rules):
+            return self
+        rules = [r.model_copy(update={"name": n}) for r, n in zip(self.rules, self.rule_names(), strict=True)]
+        return self.model_copy(update={"rules": rules})
+
+    def problems(self, backends: Iterable[str]) -> list[str]:
+        """References to backends that are not declared (the checks a model alone cannot make)."""
+        known = set(backends)
+        declared = ", ".join(sorted(known))
+        found = []
+        if self.primary not in known:
+            found.append(f"routing.primary = {self.primary!r} is not a backend; declared backends: {declared}")
+        unknown_mirrors = sorted(set(self.mirrors) - known)
+        if unknown_mirrors:
+            found.append(
+                f"routing.mirrors names unknown backend(s) {', '.join(unknown_mirrors)}; declared backends: {declared}"
+            )
+        weight_sets = [("routing.reads", self.reads or {})]
+        weight_sets += [(f"routing.rules[{i}].reads", r.reads) for i, r in enumerate(self.rules)]
+        for where, weights in weight_sets:
+            unknown = sorted(set(weights) - known)
+            if unknown:
+                found.append(f"{where} names unknown backend(s) {', '.join(unknown)}; declared backends: {declared}")
+        return found
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+class AdminConfig(BaseModel):
+    """The admin HTTP API (status, routing changes, /metrics, health)."""
+
+    model_config = _FROZEN
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9187
+    token: str | None = None  # literal or env:VAR; required for mutating calls and any non-loopback bind
+    max_body: Annotated[int, Field(ge=1024, le=16 << 20)] = 1 << 20
+    _token: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _secured(self) -> AdminConfig:
+        self._token = resolve_secret(self.token, "admin.token")
+        if self.enabled and not is_loopback(self.host) and not self._token:
+            raise ValueError(
+                f"admin.host = {self.host!r} is not a loopback address: set admin.token "
+                '(e.g. token = "env:PGSHIFT_ADMIN_TOKEN") or bind to 127.0.0.1'
+            )
+        return self
+
+    @property
+    def resolved_token(self) -> str | None:
+        return self._token
+
+
+class ControlConfig(BaseModel):
+    """Where routing versions live, and whether they may change while the proxy runs."""
+
+    model_config = _FROZEN
+    # false: routing is fixed at startup; sessions are plain relays (the fastest path) and the
+    # admin API refuses changes.
+    live: bool = True
+    # A Postgres DSN: routing versions in a table shared by every instance, changes broadcast
+    # with LISTEN/NOTIFY. Without it they are kept in state_file (one instance).
+    store: str | None = None
+    store_password: str | None = None  # literal or env:VAR
+    state_file: Path | None = None  # default (pgshift serve): pgshift-state.jsonl beside config.toml
+    instance: str | None = None  # this instance's name in status (default host:listen-port)
+    heartbeat: Annotated[float, Field(gt=0, le=60)] = 1.0  # seconds between store heartbeats/polls
+    # Seconds between backend probes (a TCP connect and close, which Postgres does not log); 0: off.
+    health_interval: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    _store_password: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _store(self) -> ControlConfig:
+        if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
+            raise ValueError("control.store must be a postgresql:// DSN")
+        self._store_password = resolve_secret(self.store_password, "control.store_password")
+        return self
+
+    @property
+    def resolved_store_password(self) -> str | None:
+        return self._store_password
 
 
 class Config(BaseModel):
@@ -216,31 +317,25 @@ class Config(BaseModel):
     listen: ListenConfig = ListenConfig()
     proxy: ProxyConfig = ProxyConfig()
     auth: AuthConfig = AuthConfig()
+    admin: AdminConfig = AdminConfig()
+    control: ControlConfig = ControlConfig()
     backends: Annotated[dict[str, BackendConfig], Field(min_length=1)]
     routing: RoutingConfig
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        declared = ", ".join(sorted(self.backends))
-        if self.routing.primary not in self.backends:
-            raise ValueError(
-                f"routing.primary = {self.routing.primary!r} is not a backend; declared backends: {declared}"
-            )
-        weight_sets = [("routing.reads", self.routing.reads or {})]
-        weight_sets += [(f"routing.rules[{i}].reads", r.reads) for i, r in enumerate(self.routing.rules)]
-        for where, weights in weight_sets:
-            unknown = sorted(set(weights) - set(self.backends))
-            if unknown:
-                raise ValueError(
-                    f"{where} names unknown backend(s) {', '.join(unknown)}; declared backends: {declared}"
-                )
+        problems = self.routing.problems(self.backends)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
-def _format_errors(exc: ValidationError) -> str:
+def format_errors(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: where (dotted path under ``prefix``) and what is wrong."""
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = ".".join([prefix, *(str(p) for p in err["loc"])] if prefix else [str(p) for p in err["loc"]])
+        where = where or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; see README 'Configuration')"
@@ -254,7 +349,7 @@ def parse_config(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source} is invalid:\n{_format_errors(exc)}") from None
+        raise ConfigError(f"{source} is invalid:\n{format_errors(exc)}") from None
 
 
 def load_config(path: Path) -> Config:
@@ -267,4 +362,11 @@ def load_config(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    control = data.get("control")
+    if isinstance(control, dict) and control.get("state_file") is not None:
+        # A relative state file is relative to the config file, not to the working directory.
+        state = Path(str(control["state_file"]))
+        data["control"] = {**control, "state_file": str(state if state.is_absolute() else path.parent / state)}
+    elif control is None or (isinstance(control, dict) and not control.get("store")):
+        data["control"] = {**(control or {}), "state_file": str(path.parent / "pgshift-state.jsonl")}
     return parse_config(data, str(path))

@@ -93,3 +93,24 @@ class AdminShutdown(PgShiftError):
 
     def __init__(self) -> None:
         super().__init__("terminating connection due to administrator command")
+
+
+class ControlError(PgShiftError):
+    """A routing change that cannot be made as asked (the admin API answers 4xx with the message).
+
+    ``status`` is the HTTP status the admin API uses for it.
+    """
+
+    status = 400
+
+
+class VersionConflict(ControlError):
+    """Another change (here or on another instance) made a newer routing version first."""
+
+    status = 409
+
+
+class StoreUnavailable(ControlError):
+    """The control store cannot be read or written; the running routing stays as it is."""
+
+    status = 503

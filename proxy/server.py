@@ -7,9 +7,12 @@ import logging
 import random
 import socket
 import ssl
+from collections import Counter
+from dataclasses import dataclass, field
 
 from proxy.config import Config
-from proxy.routing import RoutingStats, RoutingTable
+from proxy.observability import RequestStats
+from proxy.routing import Live, RoutingStats
 from proxy.session.catalog import FunctionCatalog
 from proxy.session.client import ClientConnection
 from proxy.session.registry import SessionRegistry
@@ -29,25 +32,41 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+@dataclass
+class SessionSummary:
+    """What status shows about the sessions of one instance."""
+
+    active: int = 0
+    starting: int = 0  # still in the handshake
+    in_transaction: int = 0
+    pinned: int = 0
+    pinned_by_cause: Counter[str] = field(default_factory=Counter)
+    by_primary: Counter[str] = field(default_factory=Counter)  # where each session's writes go
+    connections: Counter[str] = field(default_factory=Counter)  # open backend connections
+
+
 class Server:
     """Owns the listening socket, the session registry and every session task."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, live: Live | None = None) -> None:
         self.registry = SessionRegistry()
-        routing = RoutingTable.from_config(config)
+        self.live = live or Live(config)
         self.ctx = SessionContext(
-            config=config,
+            live=self.live,
             registry=self.registry,
             tls=tls_context(config),
-            routing=routing,
             analysis=AnalysisCache(),
             stats=RoutingStats(),
+            requests=RequestStats(),
             rng=random.Random(),
             catalog=FunctionCatalog(),
         )
-        # Statement analysis and multi-backend bookkeeping only when reads can leave the primary;
-        # otherwise every session is a plain relay to it (the fastest path).
-        self._session_class: type[Session] = RoutedSession if routing.splits_reads else Session
+        # A session that may have to follow a flip, or spread reads, knows its requests (analysis,
+        # settings, prepared statements); with routing fixed at startup and every read on the
+        # primary, each session is a plain relay to it (the fastest path).
+        routed = config.control.live or self.live.table.splits_reads
+        self._session_class: type[Session] = RoutedSession if routed else Session
+        self.draining = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_id = 0
@@ -59,10 +78,10 @@ class Server:
         return int(sock.getsockname()[1])
 
     async def start(self) -> None:
-        listen = self.ctx.config.listen
+        listen = self.live.config.listen
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: ClientConnection(self.ctx.config.proxy.max_message_size, self._spawn),
+            lambda: ClientConnection(self.live.config.proxy.max_message_size, self._spawn),
             listen.host,
             listen.port,
             backlog=1024,
@@ -75,6 +94,22 @@ class Server:
             " (TLS available)" if self.ctx.tls else "",
         )
 
+    def sessions(self) -> SessionSummary:
+        summary = SessionSummary()
+        for session in self.registry:
+            info = session.describe()
+            if not info.primary:
+                summary.starting += 1
+                continue
+            summary.active += 1
+            summary.in_transaction += info.in_transaction
+            if info.pinned:
+                summary.pinned += 1
+                summary.pinned_by_cause.update(info.pinned)
+            summary.by_primary[info.primary] += 1
+            summary.connections.update(info.backends)
+        return summary
+
     def _spawn(self, client: ClientConnection) -> None:
         # Called from connection_made: each client gets a named task the server tracks, so
         # shutdown can wait for (and, past the grace period, cancel) every one of them.
@@ -86,6 +121,7 @@ class Server:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let running requests finish within ``grace`` s, then end every session."""
+        self.draining = True
         if self._server is not None:
             self._server.close()
         busy = len(self.registry)

@@ -1,5 +1,5 @@
-"""Routing counters (decisions by backend and reason, pins by cause, read failovers): plain data the
-control-plane issue will export to Prometheus; tests read them directly."""
+"""Routing counters (decisions by backend and reason, pins by cause, read failovers, flips followed):
+plain data the admin API exports to Prometheus; tests read them directly."""
 
 from __future__ import annotations
 
@@ -13,3 +13,4 @@ class RoutingStats:
     pins: Counter[str] = field(default_factory=Counter)  # cause
     failovers: Counter[tuple[str, str]] = field(default_factory=Counter)  # (backend, cause)
     replays: Counter[str] = field(default_factory=Counter)  # backend: settings/statements injected
+    moves: Counter[str] = field(default_factory=Counter)  # new primary: sessions that followed a flip

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from proxy.config import Config
+from proxy.config import Config, RoutingConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class RoutingTable:
     """Immutable; a config change builds a new one and sessions pick it up at their next request."""
 
     primary: str
+    mirrors: tuple[str, ...]
     backends: frozenset[str]
     default: WeightedChoice
     default_sticky: bool
@@ -68,7 +70,10 @@ class RoutingTable:
 
     @classmethod
     def from_config(cls, config: Config) -> RoutingTable:
-        routing = config.routing
+        return cls.build(config.routing, config.backends)
+
+    @classmethod
+    def build(cls, routing: RoutingConfig, backends: Iterable[str]) -> RoutingTable:
         rules = []
         for name, rule in zip(routing.rule_names(), routing.rules, strict=True):
             criteria = (rule.tables, rule.users, rule.application_names)
@@ -86,7 +91,8 @@ class RoutingTable:
         rules.sort(key=lambda r: -r.specificity)  # stable: equal specificity keeps file order
         return cls(
             primary=routing.primary,
-            backends=frozenset(config.backends),
+            mirrors=tuple(routing.mirrors),
+            backends=frozenset(backends),
             default=WeightedChoice.of(routing.reads or {routing.primary: 1}),
             default_sticky=routing.sticky == "session",
             rules=tuple(rules),

@@ -27,7 +27,17 @@ def _cstring(body: bytes, pos: int) -> tuple[str, int]:
 class RequestInfo:
     """What scan() found; a slotted plain class (one per request, so cheap to build)."""
 
-    __slots__ = ("closes", "function_call", "needs", "parses", "texts", "unnamed_parsed", "unnamed_used", "used")
+    __slots__ = (
+        "closes",
+        "function_call",
+        "needs",
+        "parses",
+        "texts",
+        "unnamed_parse",
+        "unnamed_parsed",
+        "unnamed_used",
+        "used",
+    )
 
     def __init__(self) -> None:
         self.texts: list[tuple[str, Analysis]] = []  # SQL of Query/Parse messages
@@ -36,8 +46,16 @@ class RequestInfo:
         self.needs: list[str] = []  # named statements used but not parsed here
         self.closes: list[str] = []  # named statements the client closes
         self.unnamed_parsed = False
+        self.unnamed_parse: bytes | None = None  # the last Parse of the unnamed statement, as sent
         self.unnamed_used = False  # Bind/Describe of the unnamed statement without a Parse here
         self.function_call = False
+
+    @property
+    def kind(self) -> str:
+        """A label for latency metrics: what the request's first statement does."""
+        if self.texts:
+            return self.texts[0][1].kind.value
+        return self.used[0].kind.value if self.used else "other"
 
     @property
     def analyses(self) -> list[Analysis]:
@@ -67,6 +85,7 @@ def scan(frames: list[RawFrame], cache: AnalysisCache, known: dict[str, Analysis
                 parsed_here.add(parse.name)
             else:
                 info.unnamed_parsed = True
+                info.unnamed_parse = raw
                 parsed_here.add("")
         elif code == _B:
             _portal, pos = _cstring(body, 0)

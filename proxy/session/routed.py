@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 from proxy.backends.connection import BackendConnection, BackendSink
 from proxy.errors import PgShiftError, ProtocolViolation
-from proxy.routing import Plan, Reason, needs_catalog, plan
+from proxy.routing import Plan, Reason, RoutingTable, needs_catalog, plan
 from proxy.session.catalog import lookup_sql
 from proxy.session.client import ClientConnection
 from proxy.session.requests import RawFrame, RequestInfo, scan
-from proxy.session.session import Session, SessionContext, SessionState
+from proxy.session.session import Session, SessionContext, SessionInfo, SessionState
 from proxy.session.settings import SettingsLog
 from proxy.session.statements import PreparedStatements
 from proxy.sql import Analysis, Pin
 from proxy.wire.codes import FrontendCode, TxStatus
-from proxy.wire.messages import Query
+from proxy.wire.messages import SYNC, Query
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,9 @@ class RoutedSession(Session):
         self._statements = PreparedStatements()
         self._tasks: set[asyncio.Task[None]] = set()
         self._plans: dict[int, tuple[Analysis, Plan]] = {}
+        self._plans_for: RoutingTable | None = None  # the routing table the memoised plans came from
+        self._unnamed_parse: bytes | None = None  # re-sent when the unnamed statement must move
+        self._busy: dict[str, tuple[float, str]] = {}  # backend → (request start, kind) for latency
         self._lookups: set[str] = set()  # function names to ask the primary's pg_proc about
         self._asked: deque[set[str]] = deque()  # lookups in flight, in order
 
@@ -130,7 +134,7 @@ class RoutedSession(Session):
     @property
     def _database(self) -> str:
         """The database the backends serve (a DSN may pin it; else the client's, default user)."""
-        pinned = self.ctx.config.backends[self.ctx.routing.primary].address.dbname
+        pinned = self.ctx.live.config.backends[self.primary].address.dbname
         return pinned or self.client_params.get("database") or self.user
 
     def _all_backends(self) -> list[BackendConnection]:
@@ -147,8 +151,8 @@ class RoutedSession(Session):
 
     def _adopt(self, conn: BackendConnection) -> None:
         self.backends[conn.name] = conn
-        if conn.name == self.ctx.routing.primary:
-            conn.scanner.on_capture = self._catalog_answer
+        conn.scanner.on_capture = self._catalog_answer  # only the primary is ever asked
+        self._count_errors(conn)
         early = conn.attach(_Port(self, conn))
         if early:
             self.backend_reply(conn, early)
@@ -180,7 +184,9 @@ class RoutedSession(Session):
         self._pump()
 
     def _ready(self) -> bool:
-        return not self._blocked and self._hold is None and self.state is not SessionState.CLOSED
+        return (
+            not self._blocked and self._hold is None and self.state is not SessionState.CLOSED and not self._done.done()
+        )
 
     def _follow(self) -> BackendConnection | None:
         """The backend the next request must go to because of what came before, if any."""
@@ -190,8 +196,26 @@ class RoutedSession(Session):
         if current is not None and (self._extended_open or not current.scanner.idle):
             return current
         if self.pinned:
-            return self.backends[self.ctx.routing.primary]
+            return self.backends[self.primary]
         return None
+
+    def _move(self, primary: str) -> None:
+        """The routing's primary changed (a flip or a rollback) and this session stands between
+        requests, outside any transaction and unpinned: its writes go to the new primary from
+        now on. Its settings and prepared statements follow lazily, as for any backend."""
+        log.info('session %s: primary "%s" -> "%s"', self.client.peer, self.primary, primary)
+        if self._unnamed_at == self.primary:
+            self._unnamed_at = None  # re-sent from _unnamed_parse if the client binds it again
+        self.primary = primary
+        self.ctx.stats.moves[primary] += 1
+
+    def describe(self) -> SessionInfo:
+        return SessionInfo(
+            self.primary,
+            frozenset(p.value for p in self.pinned),
+            tuple(self.backends),
+            self._tx_on is not None,
+        )
 
     def _pump(self) -> None:
         while self._requests and self._ready():
@@ -200,6 +224,9 @@ class RoutedSession(Session):
             info: RequestInfo | None = None
             hold = False
             if target is None:
+                primary = self.ctx.live.table.primary
+                if primary != self.primary:
+                    self._move(primary)
                 try:
                     info = scan(request, self.ctx.analysis, self._statements.analyses)
                 except ProtocolViolation as exc:
@@ -218,14 +245,15 @@ class RoutedSession(Session):
                     self._open_later(name)
                     return
                 target = conn
-                hold = name != self.ctx.routing.primary
+                hold = name != self.primary
             self._requests.popleft()
             self._forward(target, request, info, hold=hold)
 
     def _choose(self, info: RequestInfo, *, open_ended: bool = False) -> str:
         """``open_ended``: what the client sends next up to Sync must run on the same backend (same
         implicit transaction) and may write, so only the primary can serve this request."""
-        table = self.ctx.routing
+        table = self.ctx.live.table
+        primary = self.primary  # == table.primary: an unpinned session moves before choosing
         stats = self.ctx.stats
         analyses = info.analyses
         if info.unnamed_used and self._unnamed_at is not None:
@@ -241,12 +269,15 @@ class RoutedSession(Session):
             or info.unnamed_used
             or any(name not in self._statements.analyses for name in info.needs)
         ):
-            stats.decisions[(table.primary, Reason.NOT_A_READ.value)] += 1
-            return table.primary
+            stats.decisions[(primary, Reason.NOT_A_READ.value)] += 1
+            return primary
         analysis = analyses[0] if len(analyses) == 1 else _merge(analyses)
         if analysis is None:
-            stats.decisions[(table.primary, Reason.NOT_A_READ.value)] += 1
-            return table.primary
+            stats.decisions[(primary, Reason.NOT_A_READ.value)] += 1
+            return primary
+        if table is not self._plans_for:  # a new routing version: plans are redrawn from it
+            self._plans.clear()
+            self._plans_for = table
         # The plan for a statement is the same every time in this session: memoised by the
         # (cached, shared) analysis object; only the weighted draw happens per request.
         memo = self._plans.get(id(analysis))
@@ -257,8 +288,8 @@ class RoutedSession(Session):
                 if verdict is None:
                     # Not known yet: this one runs on the primary, which is asked alongside.
                     self._lookups |= self.ctx.catalog.claim(self._database, analysis.unknown_functions)
-                    stats.decisions[(table.primary, Reason.NOT_A_READ.value)] += 1
-                    return table.primary
+                    stats.decisions[(primary, Reason.NOT_A_READ.value)] += 1
+                    return primary
                 functions_safe = verdict
             route = plan(analysis, self.user, self.client_params.get("application_name", ""), table, functions_safe)
             if len(self._plans) > _PLAN_MEMO:
@@ -272,8 +303,8 @@ class RoutedSession(Session):
             self._sticky[decision.rule] = target
         if target in self._down:
             stats.failovers[(target, "unreachable")] += 1
-            stats.decisions[(table.primary, decision.reason.value)] += 1
-            return table.primary
+            stats.decisions[(primary, decision.reason.value)] += 1
+            return primary
         stats.decisions[decision.stat_key] += 1
         return target
 
@@ -298,11 +329,21 @@ class RoutedSession(Session):
             for injected in replay:
                 expected.push_frontend(injected[0], swallow=True)
             out.extend(replay)
-        if self._lookups and name == self.ctx.routing.primary:
+        # (A simple Query would destroy the unnamed statement a Bind of this request may use.)
+        if self._lookups and name == self.primary and not info.unnamed_used:
             names, self._lookups = self._lookups, set()
             self._asked.append(names)
             expected.push_frontend(FrontendCode.QUERY, capture=True)
             out.append(Query(lookup_sql(names)).encode())
+        if info.unnamed_used and self._unnamed_at is None and self._unnamed_parse is not None:
+            # The unnamed statement stayed on the previous primary: parse it here again.
+            for injected in (self._unnamed_parse, SYNC):
+                expected.push_frontend(injected[0], swallow=True)
+                out.append(injected)
+            self.ctx.stats.replays[name] += 1
+            self._unnamed_at = name
+        if name not in self._busy and target.scanner.idle:
+            self._busy[name] = (time.perf_counter(), info.kind)
         for code, raw in frames:
             expected.push_frontend(code)
             out.append(raw)
@@ -323,6 +364,7 @@ class RoutedSession(Session):
             self._statements.closed(stmt, name)
         if info.unnamed_parsed:
             self._unnamed_at = name
+            self._unnamed_parse = info.unnamed_parse
         for sql, analysis in info.texts:
             if analysis.pins:
                 self._pin(analysis.pins)
@@ -359,7 +401,12 @@ class RoutedSession(Session):
             # The read goes to the primary instead; the backend is not tried again this session.
             log.warning('session %s: backend "%s" unavailable for reads: %s', self.client.peer, name, exc.message)
             self._down.add(name)
-            self._decided = self.ctx.routing.primary
+            if name == self.primary:
+                # Writes cannot go anywhere else: like a server that went away, end the session.
+                self.client.send_error(exc)
+                self._finish()
+                return
+            self._decided = self.primary
             self.ctx.stats.failovers[(name, "connect")] += 1
         else:
             if self.state in (SessionState.RELAY, SessionState.DRAINING):
@@ -390,7 +437,7 @@ class RoutedSession(Session):
                 held.released = True
                 self._to_client(b"".join(held.chunks))
                 held.chunks.clear()
-        elif conn.name != self.ctx.routing.primary and (held is None or held.conn is not conn):
+        elif conn.name != self.primary and (held is None or held.conn is not conn):
             # A read backend serves only held reads; anything else it sends (the FATAL of its
             # shutdown while idle, a notice) is not the client's, and says nothing about the
             # session's transaction.
@@ -401,6 +448,9 @@ class RoutedSession(Session):
         elif data:
             self._to_client(data)
         if conn.scanner.idle:
+            busy = self._busy.pop(conn.name, None)
+            if busy is not None:
+                self.ctx.requests.observe(conn.name, busy[1], time.perf_counter() - busy[0])
             if held is not None and held.released and held.conn is conn:
                 self._hold = None
             self._tx_on = conn if conn.scanner.tx_status != _IDLE else None
@@ -410,17 +460,23 @@ class RoutedSession(Session):
             self._end_if_drained()
 
     def _retry_on_primary(self, held: _Held, cause: str) -> None:
-        primary = self.backends[self.ctx.routing.primary]
         self.ctx.stats.failovers[(held.conn.name, cause)] += 1
         log.info('session %s: read on backend "%s" failed (%s); retrying on the primary', self.client.peer,
                  held.conn.name, cause)  # fmt: skip
-        self._forward(primary, held.frames)
+        primary = self.backends.get(self.primary)
+        if primary is not None:
+            self._forward(primary, held.frames)
+        else:  # after a flip the new primary may not be connected yet: open it, then send
+            self._requests.appendleft(held.frames)
+            self._decided = self.primary
+            self._pump()
 
     def backend_lost(self, conn: BackendConnection, exc: BaseException | None) -> None:
         if self.state is SessionState.CLOSED or self._done.done():
             return
         held = self._hold
-        if conn.name != self.ctx.routing.primary:
+        self._busy.pop(conn.name, None)
+        if conn.name != self.primary:
             self.backends.pop(conn.name, None)
             self._statements.forget_backend(conn.name)
             self._settings.forget(conn.name)  # a new connection starts from scratch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import random
 import ssl
@@ -11,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.backends.connection import BackendConnection, BackendSink
-from proxy.config import Config
 from proxy.errors import (
     AdminShutdown,
     BackendRejected,
@@ -20,7 +20,8 @@ from proxy.errors import (
     PgShiftError,
     ProtocolViolation,
 )
-from proxy.routing import RoutingStats, RoutingTable
+from proxy.observability import RequestStats
+from proxy.routing import Live, RoutingStats
 from proxy.session.catalog import FunctionCatalog
 from proxy.session.client import ClientConnection, ClientGone
 from proxy.session.handshake import ScramKeys, authenticate, read_startup
@@ -55,17 +56,25 @@ _TRANSITIONS = {
 
 @dataclass(frozen=True)
 class SessionContext:
-    """What every session of one server shares; swapped whole, never mutated (the counters and
-    the cache inside are shared mutable state of the one event loop)."""
+    """What every session of one server shares. ``live`` holds the config and routing table the
+    control plane swaps; the counters and the cache are shared mutable state of the one event loop."""
 
-    config: Config
+    live: Live
     registry: SessionRegistry
     tls: ssl.SSLContext | None
-    routing: RoutingTable
     analysis: AnalysisCache
     stats: RoutingStats
+    requests: RequestStats
     rng: random.Random
     catalog: FunctionCatalog
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    primary: str
+    pinned: frozenset[str]  # causes (see sql.Pin)
+    backends: tuple[str, ...]  # open backend connections
+    in_transaction: bool
 
 
 class Session(BackendSink):
@@ -74,6 +83,7 @@ class Session(BackendSink):
         self.client = client
         self.state = SessionState.HANDSHAKE
         self.backend: BackendConnection | None = None
+        self.primary = ""  # the backend that holds this session's writes (and its transactions)
         self.cancel_key: tuple[int, int] | None = None
         self._draining = False  # mirrors state DRAINING; a plain bool for the hot path
         self.user = ""
@@ -123,7 +133,7 @@ class Session(BackendSink):
                 await backend.wait_closed()
 
     async def _handshake(self) -> None:
-        config = self.ctx.config
+        config = self.ctx.live.config
         async with asyncio.timeout(config.proxy.auth_timeout):
             startup = await read_startup(self.client, self.ctx.tls, config.listen.tls_required)
             if isinstance(startup, CancelRequest):
@@ -138,13 +148,15 @@ class Session(BackendSink):
                 )
             self.scram_keys = await authenticate(self.client, self.user, config.auth.for_user(self.user))
             self.client_params = params
-            self.backend = await self._open_backend(config.routing.primary)
+            self.primary = self.ctx.live.table.primary
+            self.backend = await self._open_backend(self.primary)
         self._greet(self.backend)
         self._start_relay(self.backend)
 
     async def _open_backend(self, name: str) -> BackendConnection:
         """Log in to backend ``name`` as this client (same user, database, startup parameters)."""
-        address = self.ctx.config.backends[name].address
+        config = self.ctx.live.config
+        address = config.backends[name].address
         keys = self.scram_keys
         params = dict(self.client_params)
         # A DSN that pins user/dbname maps every client to them (service-account mode).
@@ -159,7 +171,7 @@ class Session(BackendSink):
             params,
             password=address.password,
             scram_keys=scram,
-            max_message_size=self.ctx.config.proxy.max_message_size,
+            max_message_size=config.proxy.max_message_size,
         )
 
     def _greet(self, backend: BackendConnection) -> None:
@@ -180,10 +192,23 @@ class Session(BackendSink):
         assert client.transport is not None and backend.transport is not None
         self._to_client = client.transport.write
         self._to_backend = backend.transport.write
+        self._count_errors(backend)
         early = backend.attach(self)
         if early:
             self._to_client(early)
         self._listen_to_client()
+
+    def _count_errors(self, backend: BackendConnection) -> None:
+        backend.scanner.on_error = functools.partial(self.ctx.requests.error, backend.name)
+
+    def describe(self) -> SessionInfo:
+        """For status: where this session's writes go and what keeps it there."""
+        return SessionInfo(
+            self.primary,
+            frozenset(),
+            tuple(b.name for b in self._all_backends()),
+            any(b.scanner.tx_status != _IDLE for b in self._all_backends()),
+        )
 
     def _listen_to_client(self) -> None:
         """Hand the client's callbacks to the relay, then relay what it already sent."""

@@ -59,8 +59,9 @@ _TERMINATE = FrontendCode.TERMINATE.value
 
 # What a backend message does to the FIFO. 0: nothing (DataRow, CopyData, ParameterDescription …
 # belong to the head entry). Actions at or below _NEEDS_BODY read the message body.
-_A_READY, _A_PARAM, _A_ASYNC, _A_ERROR, _A_EXEC_DONE, _A_COMPLETE, _A_DESCRIBED, _A_COPY_IN = range(1, 9)
-_NEEDS_BODY = _A_PARAM
+_A_READY, _A_PARAM, _A_ERROR, _A_ASYNC, _A_EXEC_DONE, _A_COMPLETE, _A_DESCRIBED, _A_COPY_IN = range(1, 9)
+# An ErrorResponse is read whole for its SQLSTATE (errors are rare and bounded by max_size).
+_NEEDS_BODY = _A_ERROR
 _ACTIONS = [0] * 256
 for _bcode, _action in (
     (BackendCode.READY_FOR_QUERY, _A_READY),
@@ -171,6 +172,19 @@ class ExpectedReplies:
         self.swallowing = 0
 
 
+def error_sqlstate(data: bytes, start: int, end: int) -> str:
+    """The Code field of an ErrorResponse body ``data[start:end]`` ("XX000" if it has none)."""
+    pos = start
+    while pos < end and data[pos]:
+        stop = data.find(b"\0", pos + 1, end)
+        if stop < 0:
+            break
+        if data[pos] == 0x43:  # 'C': SQLSTATE (protocol-error-fields.html)
+            return data[pos + 1 : stop].decode("ascii", "replace")
+        pos = stop + 1
+    return "XX000"
+
+
 class ReplyScanner:
     """Backend → client stream: apply the FIFO, return the bytes that go to the client."""
 
@@ -184,6 +198,7 @@ class ReplyScanner:
         "last_code",
         "max_size",
         "on_capture",
+        "on_error",
         "on_parameter",
         "tx_status",
     )
@@ -205,6 +220,7 @@ class ReplyScanner:
         self.errors = 0  # ErrorResponses forwarded to the client (read failover watches this)
         self.captured: list[bytes] = []  # whole messages answering a CAPTURE entry
         self.on_capture: Callable[[list[bytes]], None] | None = None
+        self.on_error: Callable[[str], None] | None = None  # SQLSTATE of each error the client gets
 
     @property
     def idle(self) -> bool:
@@ -290,6 +306,8 @@ class ReplyScanner:
                 elif action == _A_ERROR:
                     if fwd:
                         self.errors += 1
+                        if self.on_error is not None:
+                            self.on_error(error_sqlstate(data, pos + 5, end))
                     if q and q[0] & _KIND not in (QUERY, FUNCTION_CALL, SYNC):
                         expected.error()
                 elif action == _A_PARAM and self.on_parameter is not None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
-from proxy.app import serve
+from proxy.app import Running, serve
 from proxy.config import Config, parse_config
 from proxy.server import Server
 
@@ -21,11 +22,16 @@ def loop_kind() -> str:
 
 
 class ProxyThread:
-    def __init__(self, config: Config | dict[str, Any]) -> None:
+    def __init__(self, config: Config | dict[str, Any], config_path: Path | None = None) -> None:
         if isinstance(config, dict):
-            config = parse_config(config)
+            # Tests run many proxies at once: the admin API takes a free port unless a test says
+            # otherwise; backend probes are off (tests count the connections a backend accepts).
+            control = {"health_interval": 0, **config.get("control", {})}
+            config = parse_config({"admin": {"port": 0}, **config, "control": control})
         self.config = config
+        self.config_path = config_path  # what a reload (POST /api/reload) re-reads
         self.server: Server | None = None
+        self.running: Running | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -45,11 +51,14 @@ class ProxyThread:
         async def main() -> None:
             self._stop = asyncio.Event()
 
-            def ready(server: Server) -> None:
-                self.server = server
+            def ready(running: Running) -> None:
+                self.running = running
+                self.server = running.server
                 self._ready.set()
 
-            await serve(self.config, stop=self._stop, on_ready=ready, handle_signals=False)
+            await serve(
+                self.config, stop=self._stop, on_ready=ready, handle_signals=False, config_path=self.config_path
+            )
 
         try:
             loop.run_until_complete(main())
@@ -74,6 +83,11 @@ class ProxyThread:
         auth = user if password is None else f"{user}:{password}"
         query = "&".join(f"{k}={v}" for k, v in params.items())
         return f"postgresql://{auth}@127.0.0.1:{self.port}/{dbname}" + (f"?{query}" if query else "")
+
+    @property
+    def admin_url(self) -> str:
+        assert self.running is not None and self.running.admin is not None
+        return f"http://127.0.0.1:{self.running.admin.port}"
 
     def call(self, fn: Any, *args: Any) -> None:
         """Run a callable on the proxy's loop (e.g. to inspect the registry safely)."""

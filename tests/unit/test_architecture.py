@@ -21,9 +21,11 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"errors", "config", "wire", "observability"},
     "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability"},
     "server": {"errors", "config", "session", "routing", "sql", "observability"},
-    "app": {"errors", "config", "server", "routing", "observability"},
+    "control": {"errors", "config", "routing", "observability"},
+    "admin": {"errors", "config", "server", "control", "observability"},
+    "app": {"errors", "config", "server", "routing", "observability", "control", "admin"},
     "demo": {"errors", "config", "localpg", "app"},
-    "cli": {"errors", "config", "app", "demo", "wire", "localpg"},
+    "cli": {"errors", "config", "app", "demo", "wire", "localpg", "admin"},
     "__main__": {"cli"},
     "__init__": set(),
 }
@@ -31,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
 FORBIDDEN: dict[str, set[str]] = {
     "wire": {"asyncio", "socket", "ssl", "selectors", "pglast", "httpx", "asyncpg", "uvloop"},
     "routing": {"asyncio", "socket", "ssl", "pglast", "httpx", "asyncpg"},
+    "control": {"pglast", "aiohttp"},
     "sql": {"asyncio", "socket", "httpx", "asyncpg"},
 }
 

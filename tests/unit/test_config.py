@@ -128,4 +128,3 @@ def test_passwd_prints_a_usable_entry() -> None:
     assert md5["auth"]["users"]["bob"]["md5"].startswith("md5")
     empty = run_cli("passwd", "carol", "--password-stdin", stdin="\n")
     assert empty.returncode == 2 and "empty password refused" in empty.stderr
-

@@ -1,0 +1,1 @@
+"""The admin HTTP API and the Prometheus exporter."""

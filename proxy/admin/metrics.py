@@ -1,0 +1,147 @@
+"""Prometheus metrics: a collector that reads the proxy's own counters when scraped.
+
+Nothing on the data path touches prometheus-client: sessions bump plain counters and lists
+(RoutingStats, RequestStats, the analysis cache) and this collector turns them into metric
+families on each scrape, on an injected CollectorRegistry (no module globals).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.control.plane import ControlPlane
+from proxy.observability import LATENCY_BUCKETS
+from proxy.server import Server
+
+# Every metric, with its help text: the README's metric table is checked against this (test).
+HELP: dict[str, str] = {
+    "pgshift_request_duration_seconds": "Time from forwarding a request to its backend's ReadyForQuery, by backend and "
+    "statement kind (read, write, ddl, transaction, session, copy_in, …)",
+    "pgshift_backend_errors": "ErrorResponses backends sent to clients, by backend and SQLSTATE class (first two "
+    "characters: 23 integrity, 40 rollback/serialization, 42 syntax/access, 57 operator intervention, …)",
+    "pgshift_routing_decisions": "Requests routed by a fresh decision, by backend and reason",
+    "pgshift_session_pins": "Sessions pinned to their primary, by cause (counted once per session and cause)",
+    "pgshift_sessions_pinned": "Sessions now pinned to their primary, by cause",
+    "pgshift_read_failovers": "Reads sent to the primary because their backend failed, by backend and cause",
+    "pgshift_replays": "Session settings and prepared statements replayed on a backend before a request",
+    "pgshift_session_moves": "Sessions that followed a primary change (flip/rollback) to the new primary",
+    "pgshift_sessions": "Client sessions: state=active (relaying) or starting (in the handshake)",
+    "pgshift_sessions_in_transaction": "Sessions with an open transaction",
+    "pgshift_sessions_by_primary": "Sessions by the backend their writes go to (after a flip, pinned sessions stay "
+    "on the previous primary until they end)",
+    "pgshift_backend_connections": "Open backend connections, by backend",
+    "pgshift_backend_up": "1 if the last TCP probe of the backend succeeded",
+    "pgshift_backend_probe_seconds": "Duration of the last TCP probe of the backend",
+    "pgshift_routing_version": "Routing version this instance runs",
+    "pgshift_routing_primary": "1 for the backend that is primary in the running routing version",
+    "pgshift_routing_read_weight": 'Read weight per backend in the running routing version, by rule (default: rule="")',
+    "pgshift_routing_applied_timestamp_seconds": "When this instance installed its running routing version",
+    "pgshift_control_store_up": "1 if the control store (state file or shared Postgres table) is reachable",
+    "pgshift_control_instances": "Instances seen in the shared control store, by the version they run",
+    "pgshift_admin_changes": "Routing versions this instance made, by source (config, reload, put, patch, flip, "
+    "rollback)",
+    "pgshift_analysis_cache_hits": "Statement analyses served from the cache",
+    "pgshift_analysis_cache_misses": "Statements parsed with pglast (not in the cache)",
+}
+
+
+class ProxyCollector(Collector):
+    def __init__(self, server: Server, plane: ControlPlane) -> None:
+        self.server = server
+        self.plane = plane
+
+    def collect(self) -> Iterator[Metric]:
+        ctx = self.server.ctx
+        stats, requests = ctx.stats, ctx.requests
+
+        latency = HistogramMetricFamily(
+            "pgshift_request_duration_seconds", HELP["pgshift_request_duration_seconds"], labels=["backend", "kind"]
+        )
+        for key, counts in sorted(requests.latency.items()):
+            buckets, running = [], 0
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                running += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+            latency.add_metric(list(key), buckets, requests.sums[key])
+        yield latency
+
+        errors = CounterMetricFamily(
+            "pgshift_backend_errors", HELP["pgshift_backend_errors"], labels=["backend", "class"]
+        )
+        classes: dict[tuple[str, str], int] = {}
+        for (backend, sqlstate), n in requests.errors.items():
+            classes[(backend, sqlstate[:2])] = classes.get((backend, sqlstate[:2]), 0) + n
+        for key, n in sorted(classes.items()):
+            errors.add_metric(list(key), n)
+        yield errors
+
+        yield _counter("pgshift_routing_decisions", ["backend", "reason"], stats.decisions.items())
+        yield _counter("pgshift_session_pins", ["cause"], [((k,), v) for k, v in stats.pins.items()])
+        yield _counter("pgshift_read_failovers", ["backend", "cause"], stats.failovers.items())
+        yield _counter("pgshift_replays", ["backend"], [((k,), v) for k, v in stats.replays.items()])
+        yield _counter("pgshift_session_moves", ["backend"], [((k,), v) for k, v in stats.moves.items()])
+
+        summary = self.server.sessions()
+        sessions = GaugeMetricFamily("pgshift_sessions", HELP["pgshift_sessions"], labels=["state"])
+        sessions.add_metric(["active"], summary.active)
+        sessions.add_metric(["starting"], summary.starting)
+        yield sessions
+        yield _gauge("pgshift_sessions_in_transaction", [], [((), summary.in_transaction)])
+        yield _gauge("pgshift_sessions_pinned", ["cause"], [((k,), v) for k, v in summary.pinned_by_cause.items()])
+        yield _gauge("pgshift_sessions_by_primary", ["backend"], [((k,), v) for k, v in summary.by_primary.items()])
+        backends = list(self.plane.config.backends)
+        yield _gauge("pgshift_backend_connections", ["backend"], [((b,), summary.connections[b]) for b in backends])
+
+        probes = self.plane.probes
+        yield _gauge("pgshift_backend_up", ["backend"], [((b,), int(p.up)) for b, p in probes.items()])
+        yield _gauge("pgshift_backend_probe_seconds", ["backend"], [((b,), p.seconds) for b, p in probes.items()])
+
+        live = self.plane.live
+        yield _gauge("pgshift_routing_version", [], [((), live.version)])
+        yield _gauge("pgshift_routing_primary", ["backend"], [((b,), int(b == live.routing.primary)) for b in backends])
+        weights: list[tuple[tuple[str, ...], float]] = []
+        for rule, reads in [
+            ("", live.routing.reads or {live.routing.primary: 1}),
+            *((r.name or "", r.reads) for r in live.routing.rules),
+        ]:
+            total = sum(reads.values()) or 1
+            weights.extend(((rule, b), reads.get(b, 0) / total * 100) for b in backends)
+        yield _gauge("pgshift_routing_read_weight", ["rule", "backend"], weights)
+        yield _gauge("pgshift_routing_applied_timestamp_seconds", [], [((), self.plane.applied_at)])
+        yield _gauge("pgshift_control_store_up", [], [((), int(self.plane.store_health.ok))])
+        versions: dict[int, int] = {}
+        for row in self.plane.instances:
+            versions[row.version] = versions.get(row.version, 0) + 1
+        yield _gauge("pgshift_control_instances", ["version"], [((str(v),), n) for v, n in sorted(versions.items())])
+        yield _counter("pgshift_admin_changes", ["source"], [((k,), v) for k, v in self.plane.changes.items()])
+
+        cache = ctx.analysis
+        yield _counter("pgshift_analysis_cache_hits", [], [((), cache.hits)])
+        yield _counter("pgshift_analysis_cache_misses", [], [((), cache.misses)])
+
+
+Samples = Iterable[tuple[tuple[str, ...], float]]
+
+
+def _counter(name: str, labels: list[str], items: Samples) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, HELP[name], labels=labels)
+    for key, value in sorted(items):
+        family.add_metric(list(key), value)
+    return family
+
+
+def _gauge(name: str, labels: list[str], items: Samples) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, HELP[name], labels=labels)
+    for key, value in sorted(items):
+        family.add_metric(list(key), value)
+    return family
+
+
+def build_registry(server: Server, plane: ControlPlane) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(server, plane))
+    return registry
