@@ -29,7 +29,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from proxy.errors import ClusterError  # noqa: E402
 from proxy.localpg import LocalCluster, create_cluster, free_port  # noqa: E402
 
-TARGETS = ("direct", "pgbouncer", "pgshift", "routed")  # routed: pgshift, reads 50/50 over two clusters
+# pgshift: the default (live control plane: every session can follow a flip); static: routing fixed at
+# startup ([control] live = false), plain relays; routed: live, reads 50/50 over two clusters.
+TARGETS = ("direct", "pgbouncer", "static", "pgshift", "routed")
+PROXIES = ("pgbouncer", "static", "pgshift", "routed")
 MODES = ("simple", "extended", "prepared")
 STARTUP_TIMEOUT = 20.0
 
@@ -172,13 +175,14 @@ def pgbouncer(cluster: LocalCluster, workdir: Path, pool_size: int) -> Iterator[
 
 @contextlib.contextmanager
 def pgshift(
-    cluster: LocalCluster, workdir: Path, second: LocalCluster | None = None
+    cluster: LocalCluster, workdir: Path, second: LocalCluster | None = None, *, live: bool = True
 ) -> Iterator[tuple[int | None, str]]:
     """Yield (port, "") with `python -m proxy serve` running, or (None, reason).
 
-    With ``second``, reads are split 50/50 between the two clusters (statement analysis on).
+    With ``second``, reads are split 50/50 between the two clusters (statement analysis on);
+    ``live=False`` fixes routing at startup (plain relays).
     """
-    label = "routed" if second is not None else "pgshift"
+    label = "routed" if second is not None else ("pgshift" if live else "static")
     sdir = workdir / label
     sdir.mkdir()
     port = free_port()
@@ -187,6 +191,9 @@ def pgshift(
         "[listen]\n"
         'host = "127.0.0.1"\n'
         f"port = {port}\n"
+        "\n"
+        f"[admin]\nport = {free_port()}\n"
+        f"[control]\nlive = {'true' if live else 'false'}\n"
         "\n"
         "[backends.main]\n"
         f'dsn = "postgresql://127.0.0.1:{cluster.port}?sslmode=disable"\n'
@@ -307,32 +314,31 @@ def table_rows(results: list[Result], modes: Sequence[str], clients: Sequence[in
             cell = {t: by_key.get((mode, c, t)) or Result(mode, c, t) for t in TARGETS}
             tps = {t: cell[t].tps for t in TARGETS}
             lat = {t: cell[t].latency_ms for t in TARGETS}
-            cpu = {t: cell[t].cpu_us_per_tx for t in ("pgbouncer", "pgshift", "routed")}
+            cpu = {t: cell[t].cpu_us_per_tx for t in PROXIES}
             rows.append(
                 [mode, str(c)]
                 + [_fmt(tps[t], ".0f") for t in TARGETS]
                 + [_fmt(lat[t], ".3f") for t in TARGETS]
                 + [
+                    _fmt(_ratio(tps["static"], tps["pgbouncer"]), ".2f"),
                     _fmt(_ratio(tps["pgshift"], tps["pgbouncer"]), ".2f"),
-                    _fmt(_ratio(tps["pgshift"], tps["direct"]), ".2f"),
                     _fmt(_ratio(tps["routed"], tps["pgbouncer"]), ".2f"),
                     _fmt(_added_us(lat["pgbouncer"], lat["direct"]), "+.0f"),
+                    _fmt(_added_us(lat["static"], lat["direct"]), "+.0f"),
                     _fmt(_added_us(lat["pgshift"], lat["direct"]), "+.0f"),
-                    _fmt(cpu["pgbouncer"], ".1f"),
-                    _fmt(cpu["pgshift"], ".1f"),
-                    _fmt(cpu["routed"], ".1f"),
                 ]
+                + [_fmt(cpu[t], ".1f") for t in PROXIES]
             )
     return rows
 
 
 HEADERS = [
     "mode", "clients",
-    "tps direct", "tps pgbouncer", "tps pgshift", "tps routed 50/50",
-    "lat direct ms", "lat pgbouncer ms", "lat pgshift ms", "lat routed ms",
-    "pgshift/pgbouncer", "pgshift/direct", "routed/pgbouncer",
-    "+µs pgbouncer", "+µs pgshift",
-    "cpu µs/tx pgbouncer", "cpu µs/tx pgshift", "cpu µs/tx routed",
+    "tps direct", "tps pgbouncer", "tps static", "tps pgshift", "tps routed 50/50",
+    "lat direct ms", "lat pgbouncer ms", "lat static ms", "lat pgshift ms", "lat routed ms",
+    "static/pgbouncer", "pgshift/pgbouncer", "routed/pgbouncer",
+    "+µs pgbouncer", "+µs static", "+µs pgshift",
+    "cpu µs/tx pgbouncer", "cpu µs/tx static", "cpu µs/tx pgshift", "cpu µs/tx routed",
 ]  # fmt: skip
 
 
@@ -430,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors: dict[str, str] = {}
         for target, manager in (
             ("pgbouncer", pgbouncer(cluster, workdir, max(args.client_list))),
+            ("static", pgshift(cluster, workdir, live=False)),
             ("pgshift", pgshift(cluster, workdir)),
             ("routed", pgshift(cluster, workdir, second)),
         ):

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +19,7 @@ import httpx
 import psycopg
 import pytest
 
+from proxy.localpg import free_port
 from tests.integration.conftest import TwoClusters, routed_config
 from tests.support.proxy import ProxyThread
 
@@ -347,13 +352,13 @@ def test_persisted_version_naming_an_undeclared_backend_stops_the_start(
 # --- reload ---------------------------------------------------------------------------------------
 
 
-def _write_config(path: Path, two: TwoClusters, state: Path, reads: str) -> None:
+def _write_config(path: Path, two: TwoClusters, state: Path, reads: str, ports: tuple[int, int] = (0, 0)) -> None:
     path.write_text(
         f"""
 [listen]
-port = 0
+port = {ports[0]}
 [admin]
-port = 0
+port = {ports[1]}
 token = "env:PGSHIFT_TEST_ADMIN_TOKEN"
 [control]
 state_file = "{state}"
@@ -418,3 +423,45 @@ def test_every_metric_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [name for name in HELP if f"`{name}" not in readme]
     assert not missing, f"README.md does not describe {missing}"
+
+
+def test_sighup_reloads_and_a_broken_file_keeps_the_running_state(two_clusters: TwoClusters, tmp_path: Path) -> None:
+    path, state, log = tmp_path / "config.toml", tmp_path / "state.jsonl", tmp_path / "stderr.log"
+    ports = (free_port(), free_port())
+    _write_config(path, two_clusters, state, "", ports)
+    env = {**os.environ, "PGSHIFT_TEST_ADMIN_TOKEN": TOKEN}
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(path)], env=env, stderr=stderr, cwd=tmp_path
+        )
+    base = f"http://127.0.0.1:{ports[1]}"
+
+    def version() -> int:
+        return int(httpx.get(f"{base}/api/state", timeout=5).json()["version"])
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert version() == 1
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        _write_config(path, two_clusters, state, "reads = { old = 0, new = 1 }", ports)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while version() != 2:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        path.write_text(path.read_text().replace("[routing]", "[routing\n"))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "reload rejected" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        assert "is not valid TOML" in log.read_text()
+        assert version() == 2 and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -44,9 +44,7 @@ def instances(two_clusters: TwoClusters) -> Iterator[Callable[..., list[ProxyThr
 
     def start(store: str, count: int = 3, **control: Any) -> list[ProxyThread]:
         proxies = [
-            ProxyThread(
-                control_config(two_clusters, control={"store": store, "instance": f"p{i + 1}", **control})
-            )
+            ProxyThread(control_config(two_clusters, control={"store": store, "instance": f"p{i + 1}", **control}))
             for i in range(count)
         ]
         # Started together: they race to create the tables and the first version.
@@ -152,8 +150,9 @@ def test_losing_the_store_keeps_serving_and_says_so(
                 assert conn.execute("select 1").fetchone() == (1,)
             refused = client.post("/api/flip", json={"primary": "new"})
             assert refused.status_code == 503, refused.text
-            assert "the change was not made" in refused.json()["error"]["message"] or "unreachable" in (
-                refused.json()["error"]["message"]
+            assert (
+                "the change was not made" in refused.json()["error"]["message"]
+                or "unreachable" in (refused.json()["error"]["message"])
             )
             assert client.get("/api/state").json()["routing"]["primary"] == "old"
         finally:
