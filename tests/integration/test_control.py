@@ -429,7 +429,8 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_running_state(two_clusters: 
     path, state, log = tmp_path / "config.toml", tmp_path / "state.jsonl", tmp_path / "stderr.log"
     ports = (free_port(), free_port())
     _write_config(path, two_clusters, state, "", ports)
-    env = {**os.environ, "PGSHIFT_TEST_ADMIN_TOKEN": TOKEN}
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PGSHIFT_TEST_ADMIN_TOKEN": TOKEN, "PYTHONPATH": root}
     with log.open("wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--config", str(path)], env=env, stderr=stderr, cwd=tmp_path
