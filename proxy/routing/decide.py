@@ -21,6 +21,7 @@ class Reason(enum.Enum):
     RULE = "rule"
     STICKY = "sticky"  # the session's earlier draw for a sticky rule
     DEFAULT = "default"  # [routing] reads
+    PRIMARY_ONLY = "primary_only"  # every weight names only the primary: no plan needed
 
 
 @dataclass(frozen=True, slots=True)

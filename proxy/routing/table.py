@@ -67,6 +67,7 @@ class RoutingTable:
     default: WeightedChoice
     default_sticky: bool
     rules: tuple[Rule, ...]  # most specific first; ties keep the order of the config file
+    primary_only: bool = False  # every weight (default and rules) names only the primary
 
     @classmethod
     def from_config(cls, config: Config) -> RoutingTable:
@@ -89,20 +90,21 @@ class RoutingTable:
                 )
             )
         rules.sort(key=lambda r: -r.specificity)  # stable: equal specificity keeps file order
+        default = WeightedChoice.of(routing.reads or {routing.primary: 1})
         return cls(
             primary=routing.primary,
             mirrors=tuple(routing.mirrors),
             backends=frozenset(backends),
-            default=WeightedChoice.of(routing.reads or {routing.primary: 1}),
+            default=default,
             default_sticky=routing.sticky == "session",
             rules=tuple(rules),
+            primary_only=all(c.names == (routing.primary,) for c in (default, *(r.reads for r in rules))),
         )
 
     @property
     def splits_reads(self) -> bool:
-        """False when every read lands on the primary anyway (then analysis can be skipped)."""
-        choices = [self.default, *(r.reads for r in self.rules)]
-        return any(c.names != (self.primary,) for c in choices)
+        """False when every read lands on the primary anyway (but for /* pgshift:route=… */ hints)."""
+        return not self.primary_only
 
     def bare_tables(self, tables: frozenset[str]) -> frozenset[str]:
         return frozenset(_bare(t) for t in tables)

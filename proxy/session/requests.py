@@ -5,7 +5,6 @@ from __future__ import annotations
 from proxy.errors import ProtocolViolation
 from proxy.sql import Analysis, AnalysisCache
 from proxy.wire.codes import FrontendCode
-from proxy.wire.messages import Parse
 
 RawFrame = tuple[int, bytes]  # (type code, the whole message as it arrived)
 
@@ -17,17 +16,18 @@ _C = FrontendCode.CLOSE.value
 _F = FrontendCode.FUNCTION_CALL.value
 
 
-def _cstring(body: bytes, pos: int) -> tuple[str, int]:
-    end = body.find(b"\x00", pos)
+def _cstring(raw: bytes, pos: int) -> tuple[str, int]:
+    end = raw.find(b"\x00", pos)
     if end < 0:
         raise ProtocolViolation("malformed message: unterminated string")
-    return body[pos:end].decode(errors="replace"), end + 1
+    return raw[pos:end].decode(errors="replace"), end + 1
 
 
 class RequestInfo:
     """What scan() found; a slotted plain class (one per request, so cheap to build)."""
 
     __slots__ = (
+        "analyses",
         "closes",
         "function_call",
         "needs",
@@ -41,6 +41,7 @@ class RequestInfo:
 
     def __init__(self) -> None:
         self.texts: list[tuple[str, Analysis]] = []  # SQL of Query/Parse messages
+        self.analyses: list[Analysis] = []  # of the texts, then of the named statements used
         self.used: list[Analysis] = []  # of named statements executed, parsed earlier
         self.parses: list[tuple[str, bytes, Analysis]] = []  # (name, Parse frame, analysis)
         self.needs: list[str] = []  # named statements used but not parsed here
@@ -53,50 +54,57 @@ class RequestInfo:
     @property
     def kind(self) -> str:
         """A label for latency metrics: what the request's first statement does."""
-        if self.texts:
-            return self.texts[0][1].kind.value
-        return self.used[0].kind.value if self.used else "other"
-
-    @property
-    def analyses(self) -> list[Analysis]:
-        if not self.used:
-            return [a for _, a in self.texts]
-        return [a for _, a in self.texts] + self.used
+        return self.analyses[0].label if self.analyses else "other"
 
 
 def scan(frames: list[RawFrame], cache: AnalysisCache, known: dict[str, Analysis]) -> RequestInfo:
     """Decode only the messages that carry SQL or statement names (Query, Parse, Bind, Describe,
-    Close, FunctionCall); everything else stays opaque."""
+    Close, FunctionCall); everything else stays opaque. Offsets index the whole frame (its body
+    starts at 5): no per-message copy. Parameter types of a Parse are not decoded: the frame is
+    forwarded as it came, and Postgres checks them."""
     info = RequestInfo()
     parsed_here: set[str] = set()
+    texts, analyses = info.texts, info.analyses
     for code, raw in frames:
-        body = raw[5:]
         if code == _Q:
-            if body[-1:] != b"\x00":
+            if raw[-1] != 0:
                 raise ProtocolViolation("malformed Query message: missing terminator")
-            sql = body[:-1].decode(errors="replace")  # a Query body is the text and its NUL
-            info.texts.append((sql, cache.get(sql)))
+            sql = raw[5:-1].decode(errors="replace")  # a Query body is the text and its NUL
+            analysis = cache.get(sql)
+            texts.append((sql, analysis))
+            analyses.append(analysis)
         elif code == _P:
-            parse = Parse.decode(body)
-            analysis = cache.get(parse.sql)
-            info.texts.append((parse.sql, analysis))
-            if parse.name:
-                info.parses.append((parse.name, raw, analysis))
-                parsed_here.add(parse.name)
+            # Statement name, then SQL text (inline: this runs for every extended-protocol request).
+            stop = raw.find(b"\x00", 5)
+            end = raw.find(b"\x00", stop + 1) if stop >= 0 else -1
+            if end < 0:
+                raise ProtocolViolation("malformed Parse message: unterminated string")
+            name = raw[5:stop].decode(errors="replace")
+            sql = raw[stop + 1 : end].decode(errors="replace")
+            analysis = cache.get(sql)
+            texts.append((sql, analysis))
+            analyses.append(analysis)
+            if name:
+                info.parses.append((name, raw, analysis))
+                parsed_here.add(name)
             else:
                 info.unnamed_parsed = True
                 info.unnamed_parse = raw
                 parsed_here.add("")
         elif code == _B:
-            _portal, pos = _cstring(body, 0)
-            name, _ = _cstring(body, pos)
-            _use(info, name, parsed_here, known)
-        elif code == _D and body[:1] == b"S":
-            _use(info, _cstring(body, 1)[0], parsed_here, known)
-        elif code == _C and body[:1] == b"S":
-            info.closes.append(_cstring(body, 1)[0])
+            stop = raw.find(b"\x00", 5)  # after the portal name: the statement name
+            end = raw.find(b"\x00", stop + 1) if stop >= 0 else -1
+            if end < 0:
+                raise ProtocolViolation("malformed Bind message: unterminated string")
+            _use(info, raw[stop + 1 : end].decode(errors="replace"), parsed_here, known)
+        elif code == _D and raw[5:6] == b"S":
+            _use(info, _cstring(raw, 6)[0], parsed_here, known)
+        elif code == _C and raw[5:6] == b"S":
+            info.closes.append(_cstring(raw, 6)[0])
         elif code == _F:
             info.function_call = True
+    if info.used:
+        analyses.extend(info.used)
     return info
 
 

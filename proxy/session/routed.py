@@ -63,6 +63,7 @@ _EXTENDED = frozenset(
     )
 )
 _IDLE = TxStatus.IDLE.value
+_PRIMARY_ONLY = Reason.PRIMARY_ONLY.value
 # A request that must follow the previous one is forwarded once this much of it is buffered
 # (COPY data streams through; it is never accumulated whole).
 _STREAM_AFTER = 64 * 1024
@@ -258,6 +259,13 @@ class RoutedSession(Session):
         analyses = info.analyses
         if info.unnamed_used and self._unnamed_at is not None:
             return self._unnamed_at
+        if table.primary_only and (
+            analyses[0].hint is None if len(analyses) == 1 else not any(a.hint for a in analyses)
+        ):
+            # Every read goes to the primary (the usual state before a read switch starts): only a
+            # routing hint could send a request elsewhere, so there is nothing to plan or draw.
+            stats.decisions[(primary, _PRIMARY_ONLY)] += 1
+            return primary
         if (
             not analyses
             or open_ended
@@ -322,8 +330,9 @@ class RoutedSession(Session):
         name = target.name
         expected = target.expected
         out: list[bytes] = []
-        replay = self._settings.missing(name)
-        replay += self._statements.injections(name, info.needs)
+        replay = self._settings.missing(name) if self._settings.owes(name) else []
+        if info.needs or self._statements.stale_on(name):
+            replay += self._statements.injections(name, info.needs)
         if replay:
             self.ctx.stats.replays[name] += len(replay)
             for injected in replay:
@@ -344,13 +353,16 @@ class RoutedSession(Session):
             self._unnamed_at = name
         if name not in self._busy and target.scanner.idle:
             self._busy[name] = (time.perf_counter(), info.kind)
-        for code, raw in frames:
-            expected.push_frontend(code)
-            out.append(raw)
+        expected.push_raw(frames)
+        out.extend([raw for _, raw in frames])
+        # Open until the last Sync; opened by an extended-protocol message after it.
+        for code, _ in reversed(frames):
+            if code == _SYNC:
+                self._extended_open = False
+                break
             if code in _EXTENDED:
                 self._extended_open = True
-            elif code == _SYNC:
-                self._extended_open = False
+                break
         if hold:
             self._hold = _Held(target, frames, target.scanner.errors)
         target.send(b"".join(out))

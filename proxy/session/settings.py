@@ -28,6 +28,10 @@ class SettingsLog:
         self._frames.append(Query(sql).encode())
         self._applied[ran_on] = len(self._frames)
 
+    def owes(self, backend: str) -> bool:
+        """Whether ``backend`` has settings to catch up on (the cheap check before ``missing``)."""
+        return self._applied.get(backend, 0) != len(self._frames)
+
     def missing(self, backend: str) -> list[bytes]:
         """Query frames ``backend`` has not run yet; they count as sent once returned."""
         start = self._applied.get(backend, 0)

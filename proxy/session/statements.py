@@ -47,6 +47,10 @@ class PreparedStatements:
     def has(self, backend: str, name: str) -> bool:
         return name in self._on[backend]
 
+    def stale_on(self, backend: str) -> bool:
+        """Whether ``backend`` holds statements the client closed elsewhere (to be closed first)."""
+        return bool(self._stale.get(backend))
+
     def injections(self, backend: str, needed: Iterable[str]) -> list[bytes]:
         """Frames to send ahead of a request on ``backend`` (replies swallowed): Close for stale
         names about to be re-used or parsed, Parse for names the request uses but the backend

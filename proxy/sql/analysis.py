@@ -6,7 +6,7 @@ import enum
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
 import pglast.ast as _pg_ast
@@ -95,6 +95,10 @@ class Analysis:
     hint: str | None
     parse_error: str | None
     backend_local: bool = False
+    label: str = field(init=False, default="")  # kind.value, kept as a plain str for per-request metrics
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", self.kind.value)
 
     @property
     def is_read(self) -> bool:
@@ -311,11 +315,11 @@ def _field_types(names: frozenset[str]) -> dict[str, dict[str, str]]:
         slots = getattr(getattr(_pg_ast, name, None), "__slots__", None)
         if not isinstance(slots, dict):
             continue
-        for field, info in slots.items():
+        for attr, info in slots.items():
             c_type = str(getattr(info, "c_type", ""))
             target = c_type[:-1]
             if c_type.endswith("*") and target in names and target != "Node":
-                result.setdefault(name, {})[str(field)] = target
+                result.setdefault(name, {})[str(attr)] = target
     return result
 
 

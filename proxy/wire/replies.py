@@ -140,6 +140,19 @@ class ExpectedReplies:
                 return start
         return -1
 
+    def push_raw(self, frames: list[tuple[int, bytes]]) -> None:
+        """Record a request's frames (type code, whole message) just sent: one call per request."""
+        if self.skip_until_sync:
+            for code, _raw in frames:
+                self.push_frontend(code)
+            return
+        append = self._q.append
+        expect = EXPECT_FOR
+        for code, _raw in frames:
+            kind = expect[code]
+            if kind:
+                append(kind)
+
     def error(self) -> None:
         """ErrorResponse while the head is an extended-protocol step: drop entries up to Sync."""
         q = self._q

@@ -413,7 +413,7 @@ def test_metrics_describe_traffic(proxy: ProxyThread) -> None:
     assert "pgshift_routing_version 2.0" in text
     assert 'pgshift_admin_changes_total{source="patch"} 1.0' in text
     assert 'pgshift_routing_read_weight{backend="new",rule=""} 50.0' in text
-    assert 'pgshift_routing_decisions_total{backend="old",reason="default"}' in text
+    assert 'pgshift_routing_decisions_total{backend="old",reason="primary_only"}' in text
     assert "pgshift_analysis_cache_misses_total" in text
 
 

@@ -102,7 +102,8 @@ def test_three_instances_see_one_change_within_a_second(
     with api(proxies[0]) as client:
         history = client.get("/api/history").json()["versions"]
         assert [(v["version"], v["source"]) for v in history] == [(3, "flip"), (2, "patch"), (1, "config")]
-        assert 'pgshift_control_instances{version="3"} 3.0' in client.get("/metrics").text
+        # Each instance refreshes its list of instances at its own heartbeat.
+        wait_for(lambda: 'pgshift_control_instances{version="3"} 3.0' in client.get("/metrics").text, within=3.0)
 
 
 def test_stale_instance_gets_a_conflict_not_a_lost_update(
