@@ -150,7 +150,10 @@ def _cmd_weights_set(args: argparse.Namespace) -> int:
 
 
 def _cmd_flip(args: argparse.Namespace) -> int:
-    return _mutation(args, lambda api: api.flip(args.primary, note=args.note, expect_version=args.expect_version))
+    return _mutation(
+        args,
+        lambda api: api.flip(args.primary, force=args.force, note=args.note, expect_version=args.expect_version),
+    )
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
@@ -426,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     flip = operator("flip", "make another backend the primary (where writes go)", [change])
     flip.add_argument("--primary", required=True, metavar="NAME", help="the backend that becomes the primary")
+    flip.add_argument(
+        "--force", action="store_true", help="flip even though the last probe found the new primary unreachable"
+    )
     flip.set_defaults(func=_cmd_flip)
 
     rollback = operator("rollback", "restore an earlier routing version (as a new version)", [change])

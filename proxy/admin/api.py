@@ -278,7 +278,10 @@ class AdminApi:
         primary = body.get("primary") if isinstance(body, dict) else None
         if not isinstance(primary, str) or not primary:
             raise ControlError('body must name the new primary: {"primary": "new"}')
-        return self._result(*await self.plane.flip(primary, self._caller(request), note, expect))
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise ControlError("force must be true or false")
+        return self._result(*await self.plane.flip(primary, self._caller(request), note, expect, force=force))
 
     async def rollback(self, request: web.Request) -> web.Response:
         note, expect = self._options(request)

@@ -200,8 +200,11 @@ class AdminClient:
         path = "api/routing" if rule is None else f"api/routing/rules/{quote(rule, safe='')}"
         return self._call("PATCH", path, body={"reads": reads}, params=_options(note, expect_version))
 
-    def flip(self, primary: str, *, note: str | None = None, expect_version: int | None = None) -> dict[str, Any]:
-        return self._call("POST", "api/flip", body={"primary": primary}, params=_options(note, expect_version))
+    def flip(
+        self, primary: str, *, force: bool = False, note: str | None = None, expect_version: int | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"primary": primary, "force": True} if force else {"primary": primary}
+        return self._call("POST", "api/flip", body=body, params=_options(note, expect_version))
 
     def rollback(
         self, to: int | None = None, *, note: str | None = None, expect_version: int | None = None

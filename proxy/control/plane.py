@@ -274,7 +274,7 @@ class ControlPlane:
             return await self._commit(routing, "patch", caller, note or where, expect_version=expect_version)
 
     async def flip(
-        self, primary: str, caller: str, note: str = "", expect_version: int | None = None
+        self, primary: str, caller: str, note: str = "", expect_version: int | None = None, *, force: bool = False
     ) -> tuple[RoutingVersion, bool]:
         """Make ``primary`` the primary. Roles swap: if it was a mirror, the old primary takes its
         place among the mirrors (so it keeps receiving writes and a rollback stays instant)."""
@@ -284,6 +284,13 @@ class ControlPlane:
             if primary not in self.config.backends:
                 declared = ", ".join(sorted(self.config.backends))
                 raise ControlError(f"cannot flip to {primary!r}: not a backend; declared backends: {declared}")
+            probe = self.probes.get(primary)
+            if probe is not None and not probe.up and not force and primary != current.primary:
+                # Sessions cannot write anywhere else once they moved: each would end at its next request.
+                raise ControlError(
+                    f"backend {primary!r} was unreachable at the last probe ({probe.error}); a flip now would end "
+                    "every session at its next request. Check it, or flip with force"
+                )
             mirrors = [current.primary if m == primary else m for m in current.mirrors]
             routing = current.model_copy(update={"primary": primary, "mirrors": mirrors})
             note = note or f"primary {current.primary} -> {primary}"

@@ -167,6 +167,19 @@ class RoutedSession(Session):
             self.client.send_error(exc)
             self._finish()
             return
+        if not frames:
+            return
+        if not self._pending and not self._requests and frames[-1][0] in _BOUNDARY and self._ready():
+            # The usual case: the chunk holds exactly one whole request and nothing waits before
+            # it. Routed straight away, and sent as the very bytes that arrived.
+            for code, _, _ in frames[:-1]:
+                if code in _BOUNDARY or code == _TERMINATE:
+                    break
+            else:
+                request = [(code, buf[start:end]) for code, start, end in frames]
+                whole = buf if frames[0][1] == 0 and frames[-1][2] == len(buf) else None
+                self._route(request, whole)
+                return
         for code, start, end in frames:
             if code == _TERMINATE:
                 self._finish()
@@ -219,36 +232,45 @@ class RoutedSession(Session):
         )
 
     def _pump(self) -> None:
-        while self._requests and self._ready():
-            request = self._requests[0]
-            target = self._follow()
-            info: RequestInfo | None = None
-            hold = False
-            if target is None:
-                primary = self.ctx.live.table.primary
-                if primary != self.primary:
-                    self._move(primary)
-                try:
-                    info = scan(request, self.ctx.analysis, self._statements.analyses)
-                except ProtocolViolation as exc:
-                    self.client.send_error(exc)
-                    self._finish()
-                    return
-                # A request that leaves an extended-protocol sequence open (it ends with Flush,
-                # not Sync) binds what follows to its backend: only the primary may serve it.
-                open_ended = request[-1][0] != _SYNC and any(code in _EXTENDED for code, _ in request)
-                # Decided once: not drawn again (nor counted again) once its backend is open.
-                name = self._decided or self._choose(info, open_ended=open_ended)
-                self._decided = None
-                conn = self.backends.get(name)
-                if conn is None:
-                    self._decided = name
-                    self._open_later(name)
-                    return
-                target = conn
-                hold = name != self.primary
-            self._requests.popleft()
-            self._forward(target, request, info, hold=hold)
+        requests = self._requests
+        while requests and self._ready():
+            if not self._route(requests[0]):
+                return
+            requests.popleft()
+
+    def _route(self, request: list[RawFrame], whole: bytes | None = None) -> bool:
+        """Send ``request`` where it must or may go; False if it has to wait (or the session
+        ends). ``whole``: the request's bytes as they arrived, when they are nothing else."""
+        target = self._follow()
+        info: RequestInfo | None = None
+        hold = False
+        if target is None:
+            primary = self.ctx.live.table.primary
+            if primary != self.primary:
+                self._move(primary)
+            try:
+                info = scan(request, self.ctx.analysis, self._statements.analyses)
+            except ProtocolViolation as exc:
+                self.client.send_error(exc)
+                self._finish()
+                return False
+            # A request that leaves an extended-protocol sequence open (it ends with Flush,
+            # not Sync) binds what follows to its backend: only the primary may serve it.
+            open_ended = request[-1][0] != _SYNC and any(code in _EXTENDED for code, _ in request)
+            # Decided once: not drawn again (nor counted again) once its backend is open.
+            name = self._decided or self._choose(info, open_ended=open_ended)
+            self._decided = None
+            conn = self.backends.get(name)
+            if conn is None:
+                self._decided = name
+                if whole is not None:  # it came by the fast lane: it waits in line like the rest
+                    self._requests.append(request)
+                self._open_later(name)
+                return False
+            target = conn
+            hold = name != self.primary
+        self._forward(target, request, info, hold=hold, whole=whole)
+        return True
 
     def _choose(self, info: RequestInfo, *, open_ended: bool = False) -> str:
         """``open_ended``: what the client sends next up to Sync must run on the same backend (same
@@ -317,7 +339,13 @@ class RoutedSession(Session):
         return target
 
     def _forward(
-        self, target: BackendConnection, frames: list[RawFrame], info: RequestInfo | None = None, *, hold: bool = False
+        self,
+        target: BackendConnection,
+        frames: list[RawFrame],
+        info: RequestInfo | None = None,
+        *,
+        hold: bool = False,
+        whole: bytes | None = None,
     ) -> None:
         """Bring ``target`` up to date, then send the request's frames as they arrived."""
         if info is None:
@@ -354,7 +382,6 @@ class RoutedSession(Session):
         if name not in self._busy and target.scanner.idle:
             self._busy[name] = (time.perf_counter(), info.kind)
         expected.push_raw(frames)
-        out.extend([raw for _, raw in frames])
         # Open until the last Sync; opened by an extended-protocol message after it.
         for code, _ in reversed(frames):
             if code == _SYNC:
@@ -365,7 +392,11 @@ class RoutedSession(Session):
                 break
         if hold:
             self._hold = _Held(target, frames, target.scanner.errors)
-        target.send(b"".join(out))
+        if out:
+            out.extend([raw for _, raw in frames])
+            target.send(b"".join(out))
+        else:
+            target.send(whole if whole is not None else b"".join([raw for _, raw in frames]))
         self._current = target
         self._after_forward(name, info)
 

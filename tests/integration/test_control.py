@@ -466,3 +466,28 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_running_state(two_clusters: 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_flip_to_an_unreachable_backend_needs_force(two_clusters: TwoClusters) -> None:
+    dead = f"postgresql://127.0.0.1:{free_port()}?sslmode=disable"
+    config = control_config(two_clusters, control={"health_interval": 0.1})
+    config["backends"]["new"] = {"dsn": dead}
+    with ProxyThread(config) as running, api(running) as client:
+        deadline = time.monotonic() + 5
+        while client.get("/api/state").json()["backends"]["new"]["up"] is not False:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert 'pgshift_backend_up{backend="new"} 0.0' in client.get("/metrics").text
+        assert client.get("/readyz").status_code == 200  # the primary is fine
+        refused = client.post("/api/flip", json={"primary": "new"})
+        assert refused.status_code == 400
+        assert "was unreachable at the last probe" in refused.json()["error"]["message"]
+        assert client.get("/api/state").json()["version"] == 1
+        forced = client.post("/api/flip", json={"primary": "new", "force": True})
+        assert forced.status_code == 200 and forced.json()["version"] == 2
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "primary 'new' is unreachable" in ready.json()["problems"][0]
+        # A session's next write has nowhere to go: it ends with the backend's error, as a direct
+        # connection to a dead server would.
+        with pytest.raises(psycopg.OperationalError, match="new"):
+            port_of(running)
