@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
 import pwd
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,11 +16,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Run as `python bench/run.py` from a checkout: make `proxy` importable without installing it.
 sys.path.insert(0, str(REPO_ROOT))
+
+import common  # noqa: E402
+from common import STARTUP_TIMEOUT, exit_cleanly_on_signals, log, read_tail, start_pgshift, stop_process, wait_for_port  # noqa: E402
 
 from proxy.errors import ClusterError  # noqa: E402
 from proxy.localpg import LocalCluster, create_cluster, free_port  # noqa: E402
@@ -34,7 +32,6 @@ from proxy.localpg import LocalCluster, create_cluster, free_port  # noqa: E402
 TARGETS = ("direct", "pgbouncer", "static", "pgshift", "routed")
 PROXIES = ("pgbouncer", "static", "pgshift", "routed")
 MODES = ("simple", "extended", "prepared")
-STARTUP_TIMEOUT = 20.0
 
 _TPS_RE = re.compile(r"^tps = ([0-9.]+) \((?:without|excluding)", re.MULTILINE)
 _LAT_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE)
@@ -54,48 +51,11 @@ class Result:
 # --- helpers ---
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def client_env() -> dict[str, str]:
     # Inherited PGHOST/PGSSLMODE/... must not change what we measure.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["PGCONNECT_TIMEOUT"] = "10"
     return env
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT) -> bool:
-    """True once 127.0.0.1:port accepts connections; False if proc exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group (runuser + its child), then SIGKILL after a grace period."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def read_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def make_workdir() -> Path:
@@ -205,18 +165,7 @@ def pgshift(
         text += "reads = { main = 50, second = 50 }\n"
     config.write_text(text)
     stderr_path = sdir / "stderr.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    with stderr_path.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
+    proc = start_pgshift(config, stderr_path)
     try:
         if wait_for_port(port, proc):
             PIDS[label] = proc.pid
@@ -265,14 +214,6 @@ def run_pgbench(port: int, mode: str, clients: int, seconds: int) -> tuple[float
 
 
 def machine_info() -> dict[str, str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Hardware", "cpu model"):
-                cpu = value.strip()
-                break
-
     def version(argv: Sequence[str]) -> str:
         try:
             out = subprocess.run(list(argv), capture_output=True, text=True, check=False).stdout
@@ -281,11 +222,7 @@ def machine_info() -> dict[str, str]:
         return out.splitlines()[0].strip() if out else "n/a"
 
     return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": platform.machine(),
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": cpu,
-        "python": platform.python_version(),
+        **common.machine_info(),
         "pgbench": version(["pgbench", "--version"]),
         "pgbouncer": version([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", "--version"]),
     }
@@ -385,15 +322,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM/SIGHUP into SystemExit so every `finally`/context manager cleans up.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    exit_cleanly_on_signals()
     info = machine_info()
     results: list[Result] = []
 

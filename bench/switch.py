@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import http.client
 import json
 import math
 import os
-import platform
 import random
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,19 +24,19 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Run as `python bench/switch.py` from a checkout: make `proxy` importable without installing it.
 sys.path.insert(0, str(REPO_ROOT))
 
+import common  # noqa: E402
 import psycopg  # noqa: E402
+from common import STARTUP_TIMEOUT, exit_cleanly_on_signals, log, read_tail, start_pgshift, stop_process, wait_for_port  # noqa: E402
 
 from proxy.errors import ClusterError  # noqa: E402
 from proxy.localpg import LocalCluster, create_cluster, free_port  # noqa: E402
 
-STARTUP_TIMEOUT = 20.0
 TOKEN_VAR = "PGSHIFT_BENCH_TOKEN"
 QUERY = "select current_setting('port')"  # a read; its answer names the backend that served it
 EXPECT_SINGLE_MS = 10.0
@@ -55,44 +51,7 @@ def multi_case(instance: str) -> str:
     return f"3 instances flip: {instance}" + (" (API)" if instance == INSTANCES[0] else "")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # --- processes ---
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT) -> bool:
-    """True once 127.0.0.1:port accepts connections; False if proc exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, then SIGKILL after a grace period; always reaped."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def read_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 class ProxyFailed(RuntimeError):
@@ -171,21 +130,8 @@ def launch_proxy(
     port, admin_port = free_port(), free_port()
     config = pdir / "pgshift.toml"
     config.write_text(proxy_config(name, port, admin_port, old, new, control))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env[TOKEN_VAR] = token
     stderr_path = pdir / "stderr.log"
-    with stderr_path.open("wb") as stderr:
-        # Own session: Ctrl-C in the terminal reaches only us, and we stop it in order.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
+    proc = start_pgshift(config, stderr_path, {TOKEN_VAR: token})
     stack.callback(stop_process, proc)
     return Proxy(name, port, admin_port, proc, stderr_path, token)
 
@@ -510,21 +456,7 @@ def verdict(cases: dict[str, Case]) -> tuple[str, dict[str, bool | None]]:
 
 
 def machine_info() -> dict[str, str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Hardware", "cpu model"):
-                cpu = value.strip()
-                break
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": platform.machine(),
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "psycopg": psycopg.__version__,
-    }
+    return {**common.machine_info(), "psycopg": psycopg.__version__}
 
 
 # --- main ---
@@ -543,15 +475,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM/SIGHUP into SystemExit so every `finally`/context manager cleans up.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    exit_cleanly_on_signals()
     # Threads hand the GIL over sooner: a reply is stamped as soon as its thread is scheduled.
     sys.setswitchinterval(0.0005)
     info = machine_info()
