@@ -135,7 +135,8 @@ class RoutedSession(Session):
     @property
     def _database(self) -> str:
         """The database the backends serve (a DSN may pin it; else the client's, default user)."""
-        pinned = self.ctx.live.config.backends[self.primary].address.dbname
+        backend = self.ctx.live.config.backends.get(self.primary)  # (a reload may have removed it)
+        pinned = backend.address.dbname if backend is not None else None
         return pinned or self.client_params.get("database") or self.user
 
     def _all_backends(self) -> list[BackendConnection]:

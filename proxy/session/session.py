@@ -156,7 +156,10 @@ class Session(BackendSink):
     async def _open_backend(self, name: str) -> BackendConnection:
         """Log in to backend ``name`` as this client (same user, database, startup parameters)."""
         config = self.ctx.live.config
-        address = config.backends[name].address
+        backend = config.backends.get(name)
+        if backend is None:  # a reload removed it while this session still wanted it
+            raise BackendUnavailable(f'backend "{name}" is no longer in the configuration')
+        address = backend.address
         keys = self.scram_keys
         params = dict(self.client_params)
         # A DSN that pins user/dbname maps every client to them (service-account mode).
