@@ -18,7 +18,7 @@ from proxy.admin.api import AdminApi
 from proxy.admin.metrics import build_registry
 from proxy.config import Config
 from proxy.control.plane import ControlPlane
-from proxy.errors import PgShiftError
+from proxy.errors import ConfigError, PgShiftError
 from proxy.server import Server
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,18 @@ async def serve(
         task.add_done_callback(reloads.discard)
 
     try:
-        await server.start()
+        try:
+            await server.start()
+        except OSError as exc:
+            raise _cannot_listen("listen", config.listen.host, listen_port, exc) from None
         if not listen_port and not config.control.instance:
             plane.instance = f"{socket.gethostname()}:{server.port}"
         if config.admin.enabled:
             admin = AdminApi(server, plane, build_registry(server, plane))
-            await admin.start()
+            try:
+                await admin.start()
+            except OSError as exc:
+                raise _cannot_listen("admin", config.admin.host, config.admin.port, exc) from None
             plane.admin_address = f"{config.admin.host}:{admin.port}"
         background = loop.create_task(plane.run(stop), name="control-plane")
         if handle_signals:
@@ -102,6 +108,13 @@ async def serve(
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(background, 5.0)
         await plane.close()
+
+
+def _cannot_listen(section: str, host: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot listen on {host}:{port} ([{section}] host/port): {exc.strerror or exc}",
+        hint="Another process (another pgshift?) may hold the port; choose another or stop it.",
+    )
 
 
 async def _reload(plane: ControlPlane) -> None:

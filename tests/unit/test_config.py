@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,22 @@ def test_passwd_prints_a_usable_entry() -> None:
     assert md5["auth"]["users"]["bob"]["md5"].startswith("md5")
     empty = run_cli("passwd", "carol", "--password-stdin", stdin="\n")
     assert empty.returncode == 2 and "empty password refused" in empty.stderr
+
+
+@pytest.mark.parametrize("section", ["listen", "admin"])
+def test_serve_on_a_taken_port_exits_2_naming_it(tmp_path: Path, section: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = 0
+        ports = {"listen": port, "admin": other} if section == "listen" else {"listen": other, "admin": port}
+        config = tmp_path / "c.toml"
+        config.write_text(
+            f"[listen]\nport = {ports['listen']}\n[admin]\nport = {ports['admin']}\n"
+            '[backends.old]\ndsn = "postgresql://127.0.0.1:1"\n[routing]\nprimary = "old"\n'
+        )
+        result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} ([{section}] host/port)" in result.stderr
+    assert "Traceback" not in result.stderr
