@@ -9,6 +9,7 @@ installed in ``Live`` — sessions pick it up at their next request boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -31,6 +32,7 @@ from proxy.routing import Live
 log = logging.getLogger(__name__)
 
 _FROM_FILE = ("config", "reload")  # sources whose routing is what config.toml said
+RATE_SAMPLE_INTERVAL = 5.0  # seconds between samples of the request counters
 
 
 def parse_routing(data: Any, where: str = "routing") -> RoutingConfig:
@@ -394,6 +396,7 @@ class ControlPlane:
     async def run(self, stop: asyncio.Event) -> None:
         """Background work until ``stop``: store heartbeat and catch-up, backend probes."""
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._rates_loop(stop), name="control-rates")
             if self.config.control.health_interval:
                 tasks.create_task(self._probe_loop(stop), name="control-probes")
             if isinstance(self.store, PgStore):
@@ -428,12 +431,20 @@ class ControlPlane:
             backends = self.config.backends
             results = await asyncio.gather(*(probe(b.address) for b in backends.values()))
             self.probes = dict(zip(backends, results, strict=True))
-            self.window.sample(self.requests, list(backends))
-            try:
-                async with asyncio.timeout(self.config.control.health_interval):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            await _sleep(self.config.control.health_interval, stop)
+
+    async def _rates_loop(self, stop: asyncio.Event) -> None:
+        """Samples of the request counters: status shows rates over the last minute."""
+        while not stop.is_set():
+            self.window.sample(self.requests, list(self.config.backends))
+            await _sleep(RATE_SAMPLE_INTERVAL, stop)
+
+
+async def _sleep(seconds: float, stop: asyncio.Event) -> None:
+    """Sleep, but wake as soon as ``stop`` is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 async def _first(*aws: Any) -> None:

@@ -32,6 +32,7 @@ def proxy(two_clusters: TwoClusters) -> Iterator[ProxyThread]:
         yield running
     assert running.server is not None
     stats = running.server.ctx.stats
-    # The module did route reads to "new", and did recover from reads "new" could not serve.
+    # The module did route reads to "new". (Whether one of them hit a table that exists on "old"
+    # only is chance — the draws are random — so the failover itself is asserted where it is
+    # deterministic: test_routing.py's failover tests.)
     assert stats.decisions[("new", "default")] > 0, stats
-    assert stats.failovers[("new", "error")] > 0, stats

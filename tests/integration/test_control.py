@@ -66,6 +66,8 @@ BAD_ROUTING = [
     ({"primary": "old", "reads": {"old": "lots"}}, "routing.reads.old: Input should be a valid integer"),
     ({"primary": "old", "reads": {"old": -1}}, "greater than or equal to 0"),
     ({"primary": "old", "reads": {"old": 0, "new": 0}}, "routing.reads needs at least one weight above 0"),
+    ({"primary": "old", "reads": {}}, "routing.reads needs at least one weight above 0"),
+    ({"primary": "old", "rules": [{"tables": ["t"], "reads": {}}]}, "reads needs at least one weight above 0"),
     ({"primary": "nowhere"}, "routing.primary = 'nowhere' is not a backend; declared backends: new, old"),
     ({"primary": "old", "reads": {"olde": 1}}, "routing.reads names unknown backend(s) olde"),
     ({"primary": "old", "mirrors": ["old"]}, "cannot be both primary and a mirror"),
