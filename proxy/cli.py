@@ -77,7 +77,7 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
-    return run_demo(args.port, proxy=not args.no_proxy)
+    return run_demo(args.port, proxy=not args.no_proxy, admin_port=args.admin_port)
 
 
 # --- operator commands: calls to a running proxy's admin API ----------------------------------
@@ -378,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start two throw-away clusters with sample data and the proxy in front")
     demo.add_argument("--port", type=int, default=6432, help="proxy port (default 6432)")
+    demo.add_argument("--admin-port", type=int, default=9187, help="admin API port (default 9187)")
     demo.add_argument(
         "--no-proxy", action="store_true", help="start only the clusters (for `serve --config config.toml`)"
     )

@@ -252,7 +252,6 @@ class ControlPlane:
             if rule is None:
                 allowed = {"reads", "sticky", "mirrors"}
                 document = current.model_dump(mode="json", exclude_none=True)
-                where = "routing"
             else:
                 names = [r.name for r in current.rules]
                 if rule not in names:
@@ -260,7 +259,6 @@ class ControlPlane:
                     raise ControlError(f"no rule named {rule!r}; rules: {known}")
                 allowed = {"reads", "sticky", "tables", "users", "application_names"}
                 document = current.model_dump(mode="json", exclude_none=True)
-                where = f"routing.rules[{names.index(rule)}]"
             unknown = sorted(set(changes) - allowed)
             if unknown:
                 raise ControlError(
@@ -273,7 +271,7 @@ class ControlPlane:
                 index = [r.name for r in current.rules].index(rule)
                 document["rules"][index].update(changes)
             routing = parse_routing(document, "routing")
-            return await self._commit(routing, "patch", caller, note or where, expect_version=expect_version)
+            return await self._commit(routing, "patch", caller, note, expect_version=expect_version)
 
     async def flip(
         self, primary: str, caller: str, note: str = "", expect_version: int | None = None, *, force: bool = False

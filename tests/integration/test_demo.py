@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,9 +32,9 @@ def test_demo_serves_the_sample_and_cleans_up() -> None:
     if _port_open(OLD_PORT) or _port_open(NEW_PORT):
         pytest.skip(f"demo ports {OLD_PORT}/{NEW_PORT} are taken on this machine")
     before = set(glob.glob("/tmp/pgshift-old-*")) | set(glob.glob("/tmp/pgshift-new-*"))
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
+        [sys.executable, "-m", "proxy", "demo", "--port", str(port), "--admin-port", str(admin_port)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -63,14 +64,37 @@ def test_demo_serves_the_sample_and_cleans_up() -> None:
         # "new" holds the same schema, empty: phase 0 ("shadow") of a migration.
         with psycopg.connect(f"postgresql://postgres@127.0.0.1:{NEW_PORT}/marketplace") as conn:
             assert conn.execute("select count(*) from listings").fetchone() == (0,)
+        # The banner's control commands work as printed: every read to "new" (empty), then back.
+        token = re.search(r"export PGSHIFT_ADMIN_TOKEN=(\w+)", banner)
+        assert token is not None and f"--admin http://127.0.0.1:{admin_port}" in banner
+        env = {**os.environ, "PGSHIFT_ADMIN_TOKEN": token.group(1), "PYTHONPATH": str(REPO)}
+
+        def cli(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "proxy", *args, "--admin", f"http://127.0.0.1:{admin_port}"],
+                capture_output=True, text=True, env=env, timeout=30, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert "routing version 2 (changed)" in cli("weights", "set", "old=0", "new=100")
+        with psycopg.connect(dsn, autocommit=True) as conn:  # (a transaction would stay on the primary)
+            assert conn.execute("select count(*) from listings").fetchone() == (0,)
+        cli("rollback", "--to", "1")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("select count(*) from listings").fetchone() == (2000,)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, rest
         assert "removing the demo clusters" in rest
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:  # the test failed half-way: let the demo remove its clusters
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     assert not _port_open(OLD_PORT) and not _port_open(NEW_PORT)
     after = set(glob.glob("/tmp/pgshift-old-*")) | set(glob.glob("/tmp/pgshift-new-*"))
     assert after <= before, f"demo left {after - before}"
