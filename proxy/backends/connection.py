@@ -198,10 +198,11 @@ class BackendConnection(asyncio.Protocol):
 
     # --- relay ---------------------------------------------------------------------------
 
-    def attach(self, sink: BackendSink) -> bytes:
-        """Switch to relay mode; returns replies already received (to send to the client)."""
+    def attach(self, sink: BackendSink, on_data: Callable[[bytes], None] | None = None) -> bytes:
+        """Switch to relay mode; returns replies already received (to send to the client).
+        ``on_data`` replaces ``sink.backend_data`` (e.g. a partial that names this connection)."""
         self._sink = sink
-        self._on_data = sink.backend_data
+        self._on_data = on_data or sink.backend_data
         leftover = self._reader.take_buffered() + bytes(self._inbox)
         self._inbox.clear()
         # Async messages (notices, parameter changes) that arrived right behind ReadyForQuery.
