@@ -9,12 +9,11 @@ import json
 import logging
 import re
 import sys
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
+from proxy.admin.render import clean, history_lines, status_lines
 from proxy.errors import ConfigError, PgShiftError
 
 if TYPE_CHECKING:
@@ -106,7 +105,7 @@ def _print_change(result: dict[str, Any]) -> None:
         return
     print(f"routing version {result.get('version')} (changed)")
     for line in result.get("changes") or []:
-        print(f"  {_clean(line)}")
+        print(f"  {clean(line)}")
 
 
 def _mutation(args: argparse.Namespace, call: Any) -> int:
@@ -125,7 +124,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(state)
     else:
-        for line in _render_status(state):
+        for line in status_lines(state):
             print(line)
     return 0
 
@@ -169,7 +168,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     changed = "routing changed" if result.get("routing_changed") else "routing unchanged"
     print(f"config reloaded: routing version {result.get('version')} ({changed})")
     for warning in result.get("warnings") or []:
-        print(f"warning: {_clean(warning)}")
+        print(f"warning: {clean(warning)}")
     return 0
 
 
@@ -179,159 +178,9 @@ def _cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(history)
         return 0
-    current = history.get("current")
-    rows = [
-        [
-            ("* " if v.get("version") == current else "  ") + str(v.get("version")),
-            _utc(v.get("created_at")),
-            v.get("source"),
-            v.get("caller"),
-            v.get("note") or "",
-            "; ".join(str(c) for c in v.get("changes") or []),
-        ]
-        for v in history.get("versions") or []
-    ]
-    for line in _table(["  VERSION", "TIME (UTC)", "SOURCE", "CALLER", "NOTE", "CHANGES"], rows):
+    for line in history_lines(history):
         print(line)
-    print(f"(* current: version {current})")
     return 0
-
-
-# --- human output ---------------------------------------------------------------------------
-
-
-def _clean(value: Any) -> str:
-    """A value from the API as one printable line (no terminal escapes, newlines or tabs)."""
-    text = "-" if value is None else str(value)
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _table(headers: list[str], rows: list[list[Any]], right: frozenset[int] = frozenset()) -> list[str]:
-    """Aligned columns; ``right``: indexes of right-aligned (numeric) columns."""
-    cells = [headers, *[[_clean(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = []
-    for row in cells:
-        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  " + "  ".join(parts).rstrip())
-    return lines
-
-
-def _utc(ts: Any) -> str:
-    if not isinstance(ts, int | float):
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _ago(ts: Any) -> str:
-    if not isinstance(ts, int | float):
-        return "-"
-    return _duration(time.time() - ts) + " ago"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def _weights(weights: Any) -> str:
-    if not weights:
-        return "(all on the primary)"
-    return " ".join(f"{k}={v}" for k, v in sorted(weights.items()))
-
-
-def _number(value: Any, digits: int) -> str:
-    return "-" if not isinstance(value, int | float) else f"{value:.{digits}f}"
-
-
-def _render_status(state: dict[str, Any]) -> list[str]:
-    version = state.get("version")
-    changed = state.get("last_change") or {}
-    routing = state.get("routing") or {}
-    fixed = "" if state.get("live", True) else " (fixed at startup: [control] live = false)"
-    out = [f"instance {_clean(state.get('instance'))}: routing version {version}{fixed}"]
-    note = f' — "{_clean(changed["note"])}"' if changed.get("note") else ""
-    out.append(
-        f"  last change {_utc(changed.get('at'))} ({_ago(changed.get('at'))}) by {_clean(changed.get('caller'))}"
-        f" via {_clean(changed.get('source'))}{note}"
-    )
-
-    out += ["", "routing"]
-    out.append(f"  primary  {_clean(routing.get('primary'))}")
-    out.append(f"  mirrors  {_clean(', '.join(routing.get('mirrors') or []) or '(none)')}")
-    out.append(f"  reads    {_clean(_weights(routing.get('reads')))}   sticky {_clean(routing.get('sticky'))}")
-    rules = routing.get("rules") or []
-    if rules:
-        rows = []
-        for rule in rules:
-            criteria = " ".join(
-                f"{key}={','.join(rule[key])}" for key in ("tables", "users", "application_names") if rule.get(key)
-            )
-            rows.append([rule.get("name"), criteria, _weights(rule.get("reads")), rule.get("sticky")])
-        out += _table(["RULE", "CRITERIA", "READS", "STICKY"], rows)
-
-    store = state.get("store") or {}
-    if store.get("ok", True):
-        health = "ok"
-    else:
-        since = store.get("down_since")
-        health = f"DOWN since {_utc(since)} ({_duration(time.time() - since) if since else '-'}): {store.get('error')}"
-    out += ["", f"store  {_clean(store.get('kind'))} {_clean(store.get('location'))}: {_clean(health)}"]
-
-    instances = state.get("instances") or []
-    if instances:
-        out += ["", "instances"]
-        rows = []
-        for row in instances:
-            notes = []
-            if row.get("self"):
-                notes.append("this instance")
-            if row.get("version") != version:
-                notes.append(f"<-- DIFFERENT VERSION (this instance is at {version})")
-            age = row.get("heartbeat_age_s")
-            rows.append([
-                row.get("instance"), row.get("version"), "-" if age is None else f"{age:.1f}s",
-                "STALE" if row.get("stale") else "no", ", ".join(notes),
-            ])  # fmt: skip
-        out += _table(["NAME", "VERSION", "HEARTBEAT", "STALE", ""], rows, right=frozenset({1, 2}))
-
-    backends = state.get("backends") or {}
-    if backends:
-        out += ["", "backends"]
-        rows = []
-        down = []
-        for name, b in backends.items():
-            up = b.get("up")
-            if up is False:
-                down.append(f"  {_clean(name)} is DOWN: {_clean(b.get('probe_error'))}")
-            ratio = b.get("error_ratio")
-            rows.append([
-                name, b.get("role"), "?" if up is None else ("up" if up else "DOWN"), _number(b.get("probe_ms"), 1),
-                _number(b.get("requests_per_s"), 2), _number(b.get("mean_latency_ms"), 2),
-                _number(b.get("errors_per_s"), 3), "-" if ratio is None else f"{ratio * 100:.2f}%",
-                b.get("connections"),
-            ])  # fmt: skip
-        headers = ["NAME", "ROLE", "STATE", "PROBE ms", "REQ/s", "MEAN ms", "ERR/s", "ERRORS", "CONNS"]
-        out += _table(headers, rows, right=frozenset(range(3, 9)))
-        out += down
-
-    sessions = state.get("sessions") or {}
-    pinned = sessions.get("pinned_by_cause") or {}
-    causes = f" ({', '.join(f'{k} {v}' for k, v in sorted(pinned.items()))})" if pinned else ""
-    previous = sessions.get("on_previous_primary", 0)
-    primary = routing.get("primary")
-    by_primary = sessions.get("by_primary") or {}
-    where = ", ".join(f"{k} {v}" for k, v in sorted(by_primary.items()) if k != primary and v)
-    out += [
-        "",
-        f"sessions  {sessions.get('active', 0)} active, {sessions.get('starting', 0)} starting, "
-        f"{sessions.get('in_transaction', 0)} in a transaction, {sessions.get('pinned', 0)} pinned{causes}, "
-        f"{previous} on a previous primary" + (f" ({where})" if where else ""),
-    ]
-    return [_clean(line) for line in out]
 
 
 def _count(minimum: int) -> Callable[[str], int]:

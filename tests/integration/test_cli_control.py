@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.cli import _render_status
+from proxy.admin.render import status_lines
 from proxy.localpg import free_port
 from tests.integration.conftest import TwoClusters, routed_config
 from tests.support.proxy import ProxyThread
@@ -396,7 +396,7 @@ def test_status_highlights_other_versions_and_outages() -> None:
                      "pinned_by_cause": {"temp_table": 2}, "by_primary": {"new": 2, "old": 2},
                      "on_previous_primary": 2},
     }  # fmt: skip
-    lines = _render_status(state)
+    lines = status_lines(state)
     out = "\n".join(lines)
     assert '"go\\x1b[2J"' in out  # a note cannot drive the terminal
     assert "2m ago" in out and "by ops@box (10.0.0.2) via flip" in out

@@ -1,0 +1,159 @@
+"""Human-readable output of the operator commands: the status screen and the history table."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+
+def clean(value: Any) -> str:
+    """A value from the API as one printable line (no terminal escapes, newlines or tabs)."""
+    text = "-" if value is None else str(value)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _table(headers: list[str], rows: list[list[Any]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Aligned columns; ``right``: indexes of right-aligned (numeric) columns."""
+    cells = [headers, *[[clean(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  " + "  ".join(parts).rstrip())
+    return lines
+
+
+def _utc(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _ago(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    return _duration(time.time() - ts) + " ago"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _weights(weights: Any) -> str:
+    if not weights:
+        return "(all on the primary)"
+    return " ".join(f"{k}={v}" for k, v in sorted(weights.items()))
+
+
+def _number(value: Any, digits: int) -> str:
+    return "-" if not isinstance(value, int | float) else f"{value:.{digits}f}"
+
+
+def status_lines(state: dict[str, Any]) -> list[str]:
+    version = state.get("version")
+    changed = state.get("last_change") or {}
+    routing = state.get("routing") or {}
+    fixed = "" if state.get("live", True) else " (fixed at startup: [control] live = false)"
+    out = [f"instance {clean(state.get('instance'))}: routing version {version}{fixed}"]
+    note = f' — "{clean(changed["note"])}"' if changed.get("note") else ""
+    out.append(
+        f"  last change {_utc(changed.get('at'))} ({_ago(changed.get('at'))}) by {clean(changed.get('caller'))}"
+        f" via {clean(changed.get('source'))}{note}"
+    )
+
+    out += ["", "routing"]
+    out.append(f"  primary  {clean(routing.get('primary'))}")
+    out.append(f"  mirrors  {clean(', '.join(routing.get('mirrors') or []) or '(none)')}")
+    out.append(f"  reads    {clean(_weights(routing.get('reads')))}   sticky {clean(routing.get('sticky'))}")
+    rules = routing.get("rules") or []
+    if rules:
+        rows = []
+        for rule in rules:
+            criteria = " ".join(
+                f"{key}={','.join(rule[key])}" for key in ("tables", "users", "application_names") if rule.get(key)
+            )
+            rows.append([rule.get("name"), criteria, _weights(rule.get("reads")), rule.get("sticky")])
+        out += _table(["RULE", "CRITERIA", "READS", "STICKY"], rows)
+
+    store = state.get("store") or {}
+    if store.get("ok", True):
+        health = "ok"
+    else:
+        since = store.get("down_since")
+        health = f"DOWN since {_utc(since)} ({_duration(time.time() - since) if since else '-'}): {store.get('error')}"
+    out += ["", f"store  {clean(store.get('kind'))} {clean(store.get('location'))}: {clean(health)}"]
+
+    instances = state.get("instances") or []
+    if instances:
+        out += ["", "instances"]
+        rows = []
+        for row in instances:
+            notes = []
+            if row.get("self"):
+                notes.append("this instance")
+            if row.get("version") != version:
+                notes.append(f"<-- DIFFERENT VERSION (this instance is at {version})")
+            age = row.get("heartbeat_age_s")
+            rows.append([
+                row.get("instance"), row.get("version"), "-" if age is None else f"{age:.1f}s",
+                "STALE" if row.get("stale") else "no", ", ".join(notes),
+            ])  # fmt: skip
+        out += _table(["NAME", "VERSION", "HEARTBEAT", "STALE", ""], rows, right=frozenset({1, 2}))
+
+    backends = state.get("backends") or {}
+    if backends:
+        out += ["", "backends"]
+        rows = []
+        down = []
+        for name, b in backends.items():
+            up = b.get("up")
+            if up is False:
+                down.append(f"  {clean(name)} is DOWN: {clean(b.get('probe_error'))}")
+            ratio = b.get("error_ratio")
+            rows.append([
+                name, b.get("role"), "?" if up is None else ("up" if up else "DOWN"), _number(b.get("probe_ms"), 1),
+                _number(b.get("requests_per_s"), 2), _number(b.get("mean_latency_ms"), 2),
+                _number(b.get("errors_per_s"), 3), "-" if ratio is None else f"{ratio * 100:.2f}%",
+                b.get("connections"),
+            ])  # fmt: skip
+        headers = ["NAME", "ROLE", "STATE", "PROBE ms", "REQ/s", "MEAN ms", "ERR/s", "ERRORS", "CONNS"]
+        out += _table(headers, rows, right=frozenset(range(3, 9)))
+        out += down
+
+    sessions = state.get("sessions") or {}
+    pinned = sessions.get("pinned_by_cause") or {}
+    causes = f" ({', '.join(f'{k} {v}' for k, v in sorted(pinned.items()))})" if pinned else ""
+    previous = sessions.get("on_previous_primary", 0)
+    primary = routing.get("primary")
+    by_primary = sessions.get("by_primary") or {}
+    where = ", ".join(f"{k} {v}" for k, v in sorted(by_primary.items()) if k != primary and v)
+    out += [
+        "",
+        f"sessions  {sessions.get('active', 0)} active, {sessions.get('starting', 0)} starting, "
+        f"{sessions.get('in_transaction', 0)} in a transaction, {sessions.get('pinned', 0)} pinned{causes}, "
+        f"{previous} on a previous primary" + (f" ({where})" if where else ""),
+    ]
+    return [clean(line) for line in out]
+
+
+def history_lines(history: dict[str, Any]) -> list[str]:
+    current = history.get("current")
+    rows = [
+        [
+            ("* " if v.get("version") == current else "  ") + str(v.get("version")),
+            _utc(v.get("created_at")),
+            v.get("source"),
+            v.get("caller"),
+            v.get("note") or "",
+            "; ".join(str(c) for c in v.get("changes") or []),
+        ]
+        for v in history.get("versions") or []
+    ]
+    lines = _table(["  VERSION", "TIME (UTC)", "SOURCE", "CALLER", "NOTE", "CHANGES"], rows)
+    lines.append(f"(* current: version {current})")
+    return lines
