@@ -85,8 +85,12 @@ class Plan:
     def draw(self, rng: random.Random, sticky: Mapping[str, str] | None = None) -> Decision:
         if self.fixed is not None:
             return self.fixed
-        if self.sticky and sticky is not None and self.rule in sticky:
-            return Decision(sticky[self.rule], Reason.STICKY, self.rule)
+        if self.sticky and sticky is not None:
+            kept = sticky.get(self.rule)
+            # Kept only while the routing still gives that backend reads here: after a weight
+            # change to 0 (a rollback, say) the session draws again instead of staying behind.
+            if kept is not None and kept in self.outcomes:
+                return Decision(kept, Reason.STICKY, self.rule)
         assert self.choice is not None
         return self.outcomes[self.choice.pick(rng)]
 

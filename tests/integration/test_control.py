@@ -493,3 +493,17 @@ def test_flip_to_an_unreachable_backend_needs_force(two_clusters: TwoClusters) -
         # connection to a dead server would.
         with pytest.raises(psycopg.OperationalError, match="new"):
             port_of(running)
+
+
+def test_sticky_sessions_follow_a_rollback(two_clusters: TwoClusters) -> None:
+    config = control_config(two_clusters, reads={"old": 0, "new": 100}, sticky="session")
+    with (
+        ProxyThread(config) as running,
+        api(running) as client,
+        psycopg.connect(running.dsn(), autocommit=True) as conn,
+    ):
+        read = "select current_setting('port')"
+        ports = [conn.execute(read).fetchone() for _ in range(3)]
+        assert ports == [(str(two_clusters.new.port),)] * 3
+        client.patch("/api/routing", json={"reads": {"old": 100, "new": 0}})
+        assert conn.execute(read).fetchone() == (str(two_clusters.old.port),)

@@ -109,6 +109,13 @@ def test_sticky_rule_reuses_the_sessions_draw() -> None:
     assert route("select 1", t, user="u", sticky={"s": "new"}).target == "new"
 
 
+def test_sticky_draw_is_dropped_when_its_backend_loses_its_weight() -> None:
+    """A rollback to weights old=100 new=0 must reach sticky sessions too."""
+    rolled_back = table(rules=[{"name": "s", "users": ["u"], "reads": {"old": 100, "new": 0}, "sticky": "session"}])
+    decision = route("select 1", rolled_back, user="u", sticky={"s": "new"})
+    assert (decision.target, decision.reason, decision.sticky) == ("old", Reason.RULE, True)  # a fresh draw, kept
+
+
 def test_catalog_vouched_functions_make_a_read_routable() -> None:
     t = table(reads={"old": 0, "new": 100})
     assert route("select my_stable(1)", t).target == "old"
