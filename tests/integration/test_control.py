@@ -496,7 +496,9 @@ def test_flip_to_an_unreachable_backend_needs_force(two_clusters: TwoClusters) -
 
 
 def test_sticky_sessions_follow_a_rollback(two_clusters: TwoClusters) -> None:
-    config = control_config(two_clusters, reads={"old": 0, "new": 100}, sticky="session")
+    rule = {"name": "app", "users": ["postgres"], "reads": {"old": 0, "new": 100}, "sticky": "session"}
+    # (The default splits reads, so routing is not "primary only" and the sticky draw is consulted.)
+    config = control_config(two_clusters, reads={"old": 1, "new": 1}, rules=[rule])
     with (
         ProxyThread(config) as running,
         api(running) as client,
@@ -505,5 +507,5 @@ def test_sticky_sessions_follow_a_rollback(two_clusters: TwoClusters) -> None:
         read = "select current_setting('port')"
         ports = [conn.execute(read).fetchone() for _ in range(3)]
         assert ports == [(str(two_clusters.new.port),)] * 3
-        client.patch("/api/routing", json={"reads": {"old": 100, "new": 0}})
+        client.patch("/api/routing/rules/app", json={"reads": {"old": 100, "new": 0}})
         assert conn.execute(read).fetchone() == (str(two_clusters.old.port),)
