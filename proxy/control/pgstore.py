@@ -182,6 +182,12 @@ class PgStore:
         )
         return [InstanceRow(r["instance"], r["version"], r["host"], r["admin"], r["age"]) for r in rows]
 
+    async def leave(self, instance: str) -> None:
+        """A clean shutdown removes this instance from the list (a crashed one shows as stale)."""
+        await self._run(
+            "removing this instance", lambda c: c.execute("delete from pgshift_instances where instance = $1", instance)
+        )
+
     async def close(self) -> None:
         async with self._lock:
             conn, self._conn = self._conn, None

@@ -165,6 +165,9 @@ class ControlPlane:
         self.applied_at = time.time()
 
     async def close(self) -> None:
+        if isinstance(self.store, PgStore) and self.store.connected:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.leave(self.instance)
         await self.store.close()
 
     # --- changes ----------------------------------------------------------------------------

@@ -105,6 +105,14 @@ def test_three_instances_see_one_change_within_a_second(
         # Each instance refreshes its list of instances at its own heartbeat.
         wait_for(lambda: 'pgshift_control_instances{version="3"} 3.0' in client.get("/metrics").text, within=3.0)
 
+    proxies[2].stop()  # a clean stop leaves the list of instances
+
+    def two_left() -> bool:
+        with api(proxies[0]) as client:
+            return [i["instance"] for i in client.get("/api/state").json()["instances"]] == ["p1", "p2"]
+
+    wait_for(two_left, within=3.0)
+
 
 def test_stale_instance_gets_a_conflict_not_a_lost_update(
     instances: Callable[..., list[ProxyThread]], store_dsn: str
