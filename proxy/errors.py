@@ -114,3 +114,13 @@ class StoreUnavailable(ControlError):
     """The control store cannot be read or written; the running routing stays as it is."""
 
     status = 503
+
+
+class ProxyBug(PgShiftError):
+    """A bug in pgshift itself: the session it happened in ends (and only that one)."""
+
+    sqlstate = "XX000"  # internal_error
+    severity = "FATAL"
+
+    def __init__(self) -> None:
+        super().__init__("pgshift internal error; see the proxy log")

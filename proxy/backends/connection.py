@@ -40,6 +40,10 @@ class BackendSink:
     def backend_write_paused(self, paused: bool) -> None:
         raise NotImplementedError
 
+    def relay_failed(self, exc: Exception) -> None:
+        """A bug in the owner's reply handling: end that session (only), never the proxy."""
+        raise NotImplementedError
+
 
 def _ssl_context(address: BackendAddress) -> ssl.SSLContext:
     """TLS settings per libpq's sslmode semantics (libpq-ssl.html, table 34.1)."""
@@ -232,7 +236,12 @@ class BackendConnection(asyncio.Protocol):
         except PgShiftError as exc:
             self._fail(exc)
             return
-        on_data(out)
+        try:
+            on_data(out)
+        except Exception as exc:  # a bug above us: contained to this session (zero cost when none)
+            if self._sink is None:
+                raise
+            self._sink.relay_failed(exc)
 
     def eof_received(self) -> bool | None:
         return False  # close the transport; connection_lost follows

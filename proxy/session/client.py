@@ -38,6 +38,7 @@ class ClientConnection(asyncio.Protocol):
         self.on_data: Callable[[bytes], None] | None = None
         self.on_lost: Callable[[], None] | None = None
         self.on_write_paused: Callable[[bool], None] | None = None
+        self.on_failure: Callable[[Exception], None] | None = None  # a bug in on_data
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -52,7 +53,12 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         on_data = self.on_data
         if on_data is not None:
-            on_data(data)
+            try:
+                on_data(data)
+            except Exception as exc:  # a bug in the relay: contained to this session
+                if self.on_failure is None:
+                    raise
+                self.on_failure(exc)
             return
         self._inbox.append(data)
         self._wake()

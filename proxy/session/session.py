@@ -19,6 +19,7 @@ from proxy.errors import (
     FeatureNotSupported,
     PgShiftError,
     ProtocolViolation,
+    ProxyBug,
 )
 from proxy.observability import RequestStats
 from proxy.routing import Live, RoutingStats
@@ -123,7 +124,7 @@ class Session(BackendSink):
         except Exception:
             # A bug must end only this session, never the proxy (and never silently).
             log.exception("session %s failed", self.client.peer)
-            self.client.send_error(PgShiftError("pgshift internal error; see the proxy log"))
+            self.client.send_error(ProxyBug())
         finally:
             self._close()
             registry.remove(self)
@@ -218,6 +219,7 @@ class Session(BackendSink):
         client = self.client
         client.on_lost = self._client_lost
         client.on_write_paused = self._client_write_paused
+        client.on_failure = self.relay_failed
         unread = client.take_unread()
         client.on_data = self._client_data
         if unread:
@@ -318,6 +320,14 @@ class Session(BackendSink):
                 detail=detail,
             )
         )
+        self._finish()
+
+    def relay_failed(self, exc: Exception) -> None:
+        """A bug in the relay code: this session ends with an error the client sees; others go on."""
+        if self._done.done():
+            return
+        log.error("session %s: internal error in the relay; ending the session", self.client.peer, exc_info=exc)
+        self.client.send_error(ProxyBug())
         self._finish()
 
     def _client_lost(self) -> None:

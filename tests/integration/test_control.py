@@ -509,3 +509,44 @@ def test_sticky_sessions_follow_a_rollback(two_clusters: TwoClusters) -> None:
         assert ports == [(str(two_clusters.new.port),)] * 3
         client.patch("/api/routing/rules/app", json={"reads": {"old": 100, "new": 0}})
         assert conn.execute(read).fetchone() == (str(two_clusters.old.port),)
+
+
+def test_read_failing_on_the_previous_primary_is_retried_on_the_new_one(two_clusters: TwoClusters) -> None:
+    """After a flip the session's new primary may not be connected yet when a read held on the
+    previous primary fails: the retry opens it first, and the client sees only the answer."""
+    table = "only_on_new"
+    two_clusters.new.psql(f"drop table if exists {table}; create table {table} (x int); insert into {table} values (7)")
+    two_clusters.old.psql(f"drop table if exists {table}")
+    config = control_config(two_clusters, reads={"old": 100, "new": 0})
+    with ProxyThread(config) as running, api(running) as client:
+        with psycopg.connect(running.dsn(), autocommit=True) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)  # connected to old only
+            client.post("/api/flip", json={"primary": "new"})
+            # Reads still weigh old=100: this one goes to old (now a read backend), fails there
+            # (no such table), and is sent to the new primary, which this session opens now.
+            assert conn.execute(f"select x from {table}").fetchone() == (7,)
+        state = running.server.ctx.stats if running.server else None
+        assert state is not None and state.failovers[("old", "error")] == 1
+        assert state.moves["new"] == 1
+
+
+def test_a_bug_in_the_relay_ends_only_its_session(proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the routing step raises for one statement. That client gets an error
+    naming the proxy's log and its session ends; another session, and the proxy, go on."""
+    from proxy.session.routed import RoutedSession
+
+    real = RoutedSession._choose
+
+    def buggy(self: RoutedSession, info: Any, *, open_ended: bool = False) -> str:
+        if any("trigger_the_bug" in sql for sql, _ in info.texts):
+            raise ZeroDivisionError("injected")
+        return real(self, info, open_ended=open_ended)
+
+    monkeypatch.setattr(RoutedSession, "_choose", buggy)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as bystander:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as victim:
+            with pytest.raises(psycopg.errors.InternalError_, match="pgshift internal error; see the proxy log"):
+                victim.execute("select 'trigger_the_bug'")
+            assert victim.closed or victim.broken
+        assert bystander.execute("select 41 + 1").fetchone() == (42,)
+    assert port_of(proxy) == port_of(proxy)  # new sessions work too
