@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,10 @@ def _mutation(args: argparse.Namespace, call: Any) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        if args.json:
+            raise ConfigError("--watch redraws the table; for scripts use --json without --watch")
+        return _watch_status(args)
     with _admin(args) as api:
         state = api.state()
     if args.json:
@@ -127,6 +132,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
         for line in status_lines(state):
             print(line)
     return 0
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """Redraw the status screen every ``--watch`` seconds until Ctrl-C (for a read switch: watch
+    latency and errors move while weights change). An unreachable API is shown, and retried."""
+    from proxy.admin.client import AdminUnreachable
+
+    with _admin(args) as api:
+        try:
+            while True:
+                try:
+                    lines = status_lines(api.state())
+                except AdminUnreachable as exc:
+                    lines = [f"pgshift: {exc.message} (retrying)"]
+                stamp = time.strftime("%H:%M:%S")
+                sys.stdout.write("\x1b[H\x1b[2J" + f"every {args.watch:g}s, {stamp}\n" + "\n".join(lines) + "\n")
+                sys.stdout.flush()
+                time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
 
 
 def _weight(token: str) -> tuple[str, int]:
@@ -260,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         )  # fmt: skip
 
     status = operator("status", "show routing, store, instances, backends and sessions of a running proxy", [api])
+    status.add_argument(
+        "--watch", type=_seconds, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C (not with --json)"
+    )
     status.set_defaults(func=_cmd_status)
 
     weights = operator("weights", "change read weights", [])

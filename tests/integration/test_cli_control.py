@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -414,3 +415,26 @@ def test_status_highlights_other_versions_and_outages() -> None:
     assert lines[-1] == (
         "sessions  4 active, 0 starting, 1 in a transaction, 2 pinned (temp_table 2), 2 on a previous primary (old 2)"
     )
+
+
+def test_status_watch_redraws_until_ctrl_c(admin_url: Callable[..., str], tmp_path: Path) -> None:
+    url = admin_url()
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "proxy", "status", "--watch", "0.2", "--admin", url],
+        cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            seen = ""
+            deadline = time.monotonic() + 15
+            while seen.count("routing version 1") < 2:  # drawn at least twice
+                assert time.monotonic() < deadline, seen
+                seen += proc.stdout.readline()
+            assert "\x1b[2J" in seen and "every 0.2s" in seen
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=10)
+        assert proc.returncode == 0
+    refused = pgshift("status", "--watch", "1", "--json", "--admin", url, cwd=tmp_path)
+    assert refused.returncode == 2 and "--watch redraws the table" in refused.stderr
