@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
@@ -105,8 +104,12 @@ async def serve(
         if admin is not None:
             await admin.stop()
         if background is not None:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await asyncio.wait_for(background, 5.0)
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # it must not turn a clean shutdown into a crash
+                log.exception("control plane background work failed")
         await plane.close()
 
 

@@ -25,7 +25,7 @@ from proxy.control.health import Probe, RateWindow, probe
 from proxy.control.pgstore import InstanceRow, PgStore
 from proxy.control.store import FileStore, MemoryStore, VersionStore
 from proxy.control.versions import RoutingVersion, describe_change
-from proxy.errors import ConfigError, ControlError, StoreUnavailable, VersionConflict
+from proxy.errors import ConfigError, ControlError, PgShiftError, StoreUnavailable, VersionConflict
 from proxy.observability import RequestStats
 from proxy.routing import Live
 
@@ -426,6 +426,11 @@ class ControlPlane:
                 self._store_ok()
             except StoreUnavailable as exc:
                 self._store_failed(exc)
+            except PgShiftError as exc:  # e.g. a version row this instance cannot read
+                self._store_failed(StoreUnavailable(f"control store {store.location}: {exc.message}"))
+            except Exception as exc:  # a bug: keep serving the last version, keep trying, say so
+                log.exception("control store loop failed")
+                self._store_failed(StoreUnavailable(f"control store {store.location}: internal error: {exc!r}"))
 
     async def _probe_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

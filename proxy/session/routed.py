@@ -427,16 +427,20 @@ class RoutedSession(Session):
         try:
             conn = await self._open_backend(name)
         except PgShiftError as exc:
-            # The read goes to the primary instead; the backend is not tried again this session.
-            log.warning('session %s: backend "%s" unavailable for reads: %s', self.client.peer, name, exc.message)
-            self._down.add(name)
             if name == self.primary:
                 # Writes cannot go anywhere else: like a server that went away, end the session.
+                log.warning('session %s: primary "%s" unavailable: %s', self.client.peer, name, exc.message)
                 self.client.send_error(exc)
                 self._finish()
                 return
+            # The read goes to the primary instead; the backend is not tried again this session.
+            log.warning('session %s: backend "%s" unavailable for reads: %s', self.client.peer, name, exc.message)
+            self._down.add(name)
             self._decided = self.primary
             self.ctx.stats.failovers[(name, "connect")] += 1
+        except Exception as exc:  # a bug: end this session (not a reconnect loop, not a hang)
+            self._decided = None
+            self.relay_failed(exc)
         else:
             if self.state in (SessionState.RELAY, SessionState.DRAINING):
                 self._adopt(conn)

@@ -169,3 +169,21 @@ def test_losing_the_store_keeps_serving_and_says_so(
         wait_for(lambda: client.get("/api/state").json()["store"]["ok"], within=10.0)
         assert client.post("/api/flip", json={"primary": "new"}).json()["version"] == 3
         assert "pgshift_control_store_up 1.0" in client.get("/metrics").text
+
+
+def test_an_unreadable_version_in_the_store_is_reported_not_installed(
+    instances: Callable[..., list[ProxyThread]], store_dsn: str, store_cluster: LocalCluster, two_clusters: TwoClusters
+) -> None:
+    (proxy,) = instances(store_dsn, count=1, heartbeat=0.2)
+    dbname = store_dsn.rsplit("/", 1)[1].split("?")[0]
+    store_cluster.psql(
+        "insert into pgshift_routing_versions values (2, '{\"primary\": 5}', 'put', 'by hand', '', 1, 0);"
+        " notify pgshift_routing, '2'",
+        dbname=dbname,
+    )
+    with api(proxy) as client:
+        wait_for(lambda: not client.get("/api/state").json()["store"]["ok"], within=3.0)
+        state = client.get("/api/state").json()
+        assert "stored routing version is unreadable" in state["store"]["error"]
+        assert state["version"] == 1  # still serving what it had
+    assert port_of(proxy) == two_clusters.old.port
