@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from proxy.control.plane import ControlPlane
-from proxy.observability import LATENCY_BUCKETS
+from proxy.observability import LATENCY_BUCKETS, SUM
 from proxy.server import Server
 
 # Every metric, with its help text: the README's metric table is checked against this (test).
@@ -61,12 +61,12 @@ class ProxyCollector(Collector):
         latency = HistogramMetricFamily(
             "pgshift_request_duration_seconds", HELP["pgshift_request_duration_seconds"], labels=["backend", "kind"]
         )
-        for key, counts in sorted(requests.latency.items()):
-            buckets, running = [], 0
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+        for key, series in sorted(requests.latency.items()):
+            buckets, running = [], 0.0
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), series[:SUM], strict=True):
                 running += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
-            latency.add_metric(list(key), buckets, requests.sums[key])
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            latency.add_metric(list(key), buckets, series[SUM])
         yield latency
 
         errors = CounterMetricFamily(

@@ -16,6 +16,7 @@ The request path, in order (DESIGN.md §3):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import logging
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from proxy.backends.connection import BackendConnection
 from proxy.errors import PgShiftError, ProtocolViolation
+from proxy.observability import LATENCY_BUCKETS, SUM
 from proxy.routing import Plan, Reason, RoutingTable, needs_catalog, plan
 from proxy.session.catalog import lookup_sql
 from proxy.session.client import ClientConnection
@@ -65,6 +67,7 @@ _EXTENDED = frozenset(
 )
 _IDLE = TxStatus.IDLE.value
 _PRIMARY_ONLY = Reason.PRIMARY_ONLY.value
+_SUM = SUM
 # A request that must follow the previous one is forwarded once this much of it is buffered
 # (COPY data streams through; it is never accumulated whole).
 _STREAM_AFTER = 64 * 1024
@@ -110,7 +113,7 @@ class RoutedSession(Session):
         self._plans: dict[int, tuple[Analysis, Plan]] = {}
         self._plans_for: RoutingTable | None = None  # the routing table the memoised plans came from
         self._unnamed_parse: bytes | None = None  # re-sent when the unnamed statement must move
-        self._busy: dict[str, tuple[float, str]] = {}  # backend → (request start, kind) for latency
+        self._busy: dict[str, tuple[float, list[float]]] = {}  # backend → (request start, latency series)
         self._lookups: set[str] = set()  # function names to ask the primary's pg_proc about
         self._asked: deque[set[str]] = deque()  # lookups in flight, in order
 
@@ -365,8 +368,9 @@ class RoutedSession(Session):
                 out.append(injected)
             self.ctx.stats.replays[name] += 1
             self._unnamed_at = name
-        if name not in self._busy and target.scanner.idle:
-            self._busy[name] = (time.perf_counter(), info.kind)
+        if name not in self._busy:  # (an entry lives from a request's start until its backend is idle)
+            kind = info.analyses[0].label if info.analyses else "other"
+            self._busy[name] = (time.perf_counter(), self.ctx.requests.series(name, kind))
         expected.push_raw(frames)
         # Open until the last Sync; opened by an extended-protocol message after it.
         for code, _ in reversed(frames):
@@ -485,8 +489,11 @@ class RoutedSession(Session):
             self._to_client(data)
         if conn.scanner.idle:
             busy = self._busy.pop(conn.name, None)
-            if busy is not None:
-                self.ctx.requests.observe(conn.name, busy[1], time.perf_counter() - busy[0])
+            if busy is not None:  # (observations inlined: this runs for every request)
+                seconds = time.perf_counter() - busy[0]
+                series = busy[1]
+                series[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+                series[_SUM] += seconds
             if held is not None and held.released and held.conn is conn:
                 self._hold = None
             self._tx_on = conn if conn.scanner.tx_status != _IDLE else None

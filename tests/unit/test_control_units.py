@@ -14,7 +14,7 @@ from proxy.control.health import RateWindow
 from proxy.control.store import FileStore, MemoryStore
 from proxy.control.versions import RoutingVersion, describe_change
 from proxy.errors import ConfigError, VersionConflict
-from proxy.observability import LATENCY_BUCKETS, RequestStats
+from proxy.observability import LATENCY_BUCKETS, SUM, RequestStats
 from proxy.wire.messages import ErrorResponse
 from proxy.wire.replies import error_sqlstate
 
@@ -83,8 +83,10 @@ def test_request_stats_and_rates() -> None:
     stats.observe("old", "read", 20.0)  # past the last bucket: +Inf
     stats.observe("new", "write", 0.001)
     stats.error("old", "22012")
-    counts = stats.latency[("old", "read")]
+    series = stats.latency[("old", "read")]
+    counts, total = series[:SUM], series[SUM]
     assert len(counts) == len(LATENCY_BUCKETS) + 1 and sum(counts) == 2 and counts[-1] == 1
+    assert total == pytest.approx(20.0002)
     assert stats.totals("old") == (2, pytest.approx(20.0002), 1)
     window = RateWindow()
     assert window.rates(stats, "old").requests_per_s == 0.0  # no sample yet
