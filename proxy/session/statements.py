@@ -6,12 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from proxy.sql import Analysis
-from proxy.wire.codes import FrontendCode
-from proxy.wire.messages import SYNC, frame
-
-
-def close_statement(name: str) -> bytes:
-    return frame(FrontendCode.CLOSE, b"S" + name.encode() + b"\x00")
+from proxy.wire.messages import SYNC, Close
 
 
 class PreparedStatements:
@@ -58,7 +53,7 @@ class PreparedStatements:
         out: list[bytes] = []
         stale = self._stale.get(backend)
         if stale:
-            out.extend(close_statement(n) for n in sorted(stale))
+            out.extend(Close(b"S", n).encode() for n in sorted(stale))
             stale.clear()
         on = self._on[backend]
         for name in needed:

@@ -386,6 +386,25 @@ class Query:
 
 
 @dataclass(frozen=True, slots=True)
+class Close:
+    """Close a prepared statement (``kind`` b"S") or a portal (b"P")."""
+
+    kind: bytes
+    name: str
+
+    def encode(self) -> bytes:
+        return frame(FrontendCode.CLOSE, self.kind + _cstr(self.name))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Close:
+        kind = payload[:1]
+        if kind not in (b"S", b"P"):
+            raise ProtocolViolation(f"malformed Close message: target {kind!r} is neither 'S' nor 'P'")
+        cur = _Cursor(payload[1:], "Close")
+        return cls(kind, cur.cstr())
+
+
+@dataclass(frozen=True, slots=True)
 class Parse:
     name: str
     sql: str

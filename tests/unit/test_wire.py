@@ -16,6 +16,7 @@ from proxy.wire.messages import (
     Authentication,
     BackendKeyData,
     CancelRequest,
+    Close,
     CommandComplete,
     ErrorResponse,
     GSSENCRequest,
@@ -51,6 +52,8 @@ def body(encoded: bytes) -> bytes:
         ReadyForQuery(TxStatus.IN_TRANSACTION),
         Query("select 'ü'"),
         Parse("s1", "select $1", (23, 25)),
+        Close(b"S", "s1"),
+        Close(b"P", ""),
         CommandComplete("INSERT 0 3"),
         PasswordMessage(b"secret"),
         SASLInitialResponse("SCRAM-SHA-256", b"n,,n=,r=abc"),
@@ -334,3 +337,10 @@ def test_data_row_garbage_is_a_protocol_violation(data: bytes) -> None:
 
     with contextlib.suppress(ProtocolViolation):
         decode_data_row(data)
+
+
+def test_close_rejects_an_unknown_target() -> None:
+    with pytest.raises(ProtocolViolation, match="neither 'S' nor 'P'"):
+        Close.decode(b"Xname\x00")
+    with pytest.raises(ProtocolViolation):
+        Close.decode(b"Sname")  # no terminator
