@@ -73,6 +73,11 @@ def scan(frames: list[RawFrame], cache: AnalysisCache, known: dict[str, Analysis
             analysis = cache.get(sql)
             texts.append((sql, analysis))
             analyses.append(analysis)
+            for name in analysis.deallocates:
+                # DEALLOCATE of a statement the client prepared: it must exist where this runs
+                # (after a flip the new primary may not have it yet), else Postgres says 26000.
+                if name in known and name not in parsed_here:
+                    info.needs.append(name)
         elif code == _P:
             # Statement name, then SQL text (inline: this runs for every extended-protocol request).
             stop = raw.find(b"\x00", 5)

@@ -399,6 +399,10 @@ class RoutedSession(Session):
             self._unnamed_at = name
             self._unnamed_parse = info.unnamed_parse
         for sql, analysis in info.texts:
+            if analysis.deallocates:
+                gone = list(self._statements.frames) if "*" in analysis.deallocates else analysis.deallocates
+                for stmt in gone:
+                    self._statements.closed(stmt, name)
             if analysis.pins:
                 self._pin(analysis.pins)
             elif analysis.session_setting:

@@ -95,6 +95,9 @@ class Analysis:
     hint: str | None
     parse_error: str | None
     backend_local: bool = False
+    # Prepared statements DEALLOCATEd by name ("*": DEALLOCATE ALL). They are protocol-level ones
+    # too, which the session tracks per backend: it follows along instead of pinning.
+    deallocates: tuple[str, ...] = ()
     label: str = field(init=False, default="")  # kind.value, kept as a plain str for per-request metrics
 
     def __post_init__(self) -> None:
@@ -425,6 +428,7 @@ class _Analyzer:
         self.select_into = False
         self.backend_local = False
         self.session_setting = False
+        self.deallocates: list[str] = []
         self.tx_op: TxOp | None = None
         self.read_only_tx = False
         self.dml = 0  # executed INSERT/UPDATE/DELETE/MERGE nodes seen so far (a SELECT holding one is a write)
@@ -586,9 +590,15 @@ class _Analyzer:
         return Kind.SESSION
 
     def _discard(self, typ: str, f: _Fields) -> Kind:
-        # DISCARD and DEALLOCATE also drop protocol-level prepared statements, which the session
-        # tracks per backend: replaying them elsewhere would desynchronise that, so they pin.
+        # DISCARD resets more than the session can replay (settings, plans, temp tables): it pins.
         self.pins.add(Pin.UNKNOWN_SESSION_STATE)
+        return Kind.SESSION
+
+    def _deallocate(self, typ: str, f: _Fields) -> Kind:
+        # Not transactional, and it drops protocol-level statements as well: the session marks
+        # them closed (and makes sure a named one exists where this runs) instead of pinning.
+        name = f.get("name")
+        self.deallocates.append("*" if f.get("isall") or not isinstance(name, str) else name)
         return Kind.SESSION
 
     def _unknown(self, typ: str, f: _Fields) -> Kind:
@@ -798,7 +808,7 @@ _HANDLERS: Final[dict[str, _Handler]] = {
     "DiscardStmt": _Analyzer._discard,
     "ListenStmt": _Analyzer._listen,
     "UnlistenStmt": _Analyzer._session,
-    "DeallocateStmt": _Analyzer._discard,
+    "DeallocateStmt": _Analyzer._deallocate,
     "ClosePortalStmt": _Analyzer._session,
     "ConstraintsSetStmt": _Analyzer._session,
     "LoadStmt": _Analyzer._load,
@@ -927,6 +937,7 @@ def analyze(sql: str) -> Analysis:
             hint=_hint(sql),
             parse_error=None,
             backend_local=analyzer.backend_local,
+            deallocates=tuple(analyzer.deallocates),
         )
     except Exception as exc:  # a defect in the walk (or RecursionError) must route to the primary, not fail
         return _failed(sql, f"analysis failed: {type(exc).__name__}: {exc}")

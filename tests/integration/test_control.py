@@ -550,3 +550,19 @@ def test_a_bug_in_the_relay_ends_only_its_session(proxy: ProxyThread, monkeypatc
             assert victim.closed or victim.broken
         assert bystander.execute("select 41 + 1").fetchone() == (42,)
     assert port_of(proxy) == port_of(proxy)  # new sessions work too
+
+
+def test_deallocations_follow_a_flip_without_pinning(proxy: ProxyThread, two_clusters: TwoClusters) -> None:
+    """DEALLOCATE (psycopg sends DEALLOCATE ALL after a rollback; older libpq evicts with
+    DEALLOCATE name) is tracked, not pinned: the session still follows a flip, and a DEALLOCATE of
+    a statement the new primary has not seen yet works, as it would against one server."""
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, api(proxy) as client:
+        conn.execute("select %s::int", (1,), prepare=True)  # _pg3_0, parsed on old
+        conn.execute("select %s::int + 1", (1,), prepare=True)  # _pg3_1
+        client.post("/api/flip", json={"primary": "new"})
+        assert conn.execute("select current_setting('port')").fetchone() == (str(two_clusters.new.port),)
+        conn.execute("deallocate _pg3_0")  # new has never seen it: it is parsed there first
+        assert conn.execute("select %s::int + 1", (5,)).fetchone() == (6,)  # _pg3_1, re-parsed on new
+        conn.execute("deallocate all")
+        assert conn.execute("select %s::int * 3", (5,), prepare=True).fetchone() == (15,)
+        assert client.get("/api/state").json()["sessions"]["pinned"] == 0

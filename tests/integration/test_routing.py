@@ -625,8 +625,8 @@ def test_transactions_never_split(half: ProxyThread, two_clusters: TwoClusters, 
     finally:
         on_both(two_clusters, f"drop table {table}, {table}_direct")
     # No assertion that some reads reached "new": random sequences may keep every read inside a
-    # transaction, or pin the session (psycopg's DEALLOCATE ALL after a rollback). That reads are
-    # spread is proven by the weight tests above; this test proves nothing is split.
+    # transaction. That reads are spread is proven by the weight tests above; this test proves
+    # nothing is split.
 
 
 # =========================================================================================
