@@ -77,7 +77,9 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
-    return run_demo(args.port, proxy=not args.no_proxy, admin_port=args.admin_port)
+    return run_demo(
+        args.port, proxy=not args.no_proxy, admin_port=args.admin_port, old_port=args.old_port, new_port=args.new_port
+    )
 
 
 # --- operator commands: calls to a running proxy's admin API ----------------------------------
@@ -254,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=6432, help="proxy port (default 6432)")
     demo.add_argument("--admin-port", type=int, default=9187, help="admin API port (default 9187)")
     demo.add_argument(
+        "--old-port", type=int, default=54321, help="port of the 'old' cluster (default 54321, as in config.toml)"
+    )
+    demo.add_argument(
+        "--new-port", type=int, default=54322, help="port of the 'new' cluster (default 54322, as in config.toml)"
+    )
+    demo.add_argument(
         "--no-proxy", action="store_true", help="start only the clusters (for `serve --config config.toml`)"
     )
     demo.set_defaults(func=_cmd_demo)
@@ -341,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
     except PgShiftError as exc:
         print(f"pgshift: {exc.message}", file=sys.stderr)
+        if exc.detail:  # e.g. the tail of a cluster's log when it did not start
+            print(f"detail: {exc.detail.strip()}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return _exit_code(exc)

@@ -116,14 +116,21 @@ Try:
 """
 
 
-def run_demo(port: int, *, proxy: bool = True, admin_port: int = ADMIN_PORT) -> int:
+def run_demo(
+    port: int,
+    *,
+    proxy: bool = True,
+    admin_port: int = ADMIN_PORT,
+    old_port: int = OLD_PORT,
+    new_port: int = NEW_PORT,
+) -> int:
     from proxy.app import run, serve
 
     print("starting two throw-away Postgres clusters (old, new) and loading the sample ...", flush=True)
-    old, new = start_clusters()
+    old, new = start_clusters(old_port, new_port)
     try:
         token = secrets.token_hex(12)
-        config = parse_config(demo_config(port, admin_port=admin_port, token=token), "demo config")
+        config = parse_config(demo_config(port, old_port, new_port, admin_port=admin_port, token=token), "demo config")
         if not proxy:
             print(_banner(port, old, new).replace("pgshift demo is running.", "Clusters are up (no proxy)."))
             print("Run `pgshift serve --config config.toml` in another terminal; Ctrl-C here to stop.")

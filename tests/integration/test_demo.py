@@ -15,7 +15,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.demo import NEW_PORT, OLD_PORT
 from proxy.localpg import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,12 +28,22 @@ def _port_open(port: int) -> bool:
 
 @pytest.mark.timeout(120)
 def test_demo_serves_the_sample_and_cleans_up() -> None:
-    if _port_open(OLD_PORT) or _port_open(NEW_PORT):
-        pytest.skip(f"demo ports {OLD_PORT}/{NEW_PORT} are taken on this machine")
     before = set(glob.glob("/tmp/pgshift-old-*")) | set(glob.glob("/tmp/pgshift-new-*"))
-    port, admin_port = free_port(), free_port()
+    # Free ports, not the defaults: a long-lived client socket of an earlier test may hold 54322
+    # as its local port, and then no server can listen there.
+    port, admin_port, old_port, new_port = free_port(), free_port(), free_port(), free_port()
+    argv = [
+        "--port",
+        str(port),
+        "--admin-port",
+        str(admin_port),
+        "--old-port",
+        str(old_port),
+        "--new-port",
+        str(new_port),
+    ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "demo", "--port", str(port), "--admin-port", str(admin_port)],
+        [sys.executable, "-m", "proxy", "demo", *argv],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -60,9 +69,9 @@ def test_demo_serves_the_sample_and_cleans_up() -> None:
             counts = conn.execute(
                 "select (select count(*) from listings), (select count(*) from cities), inet_server_port()"
             ).fetchone()
-        assert counts == (2000, 50, OLD_PORT)
+        assert counts == (2000, 50, old_port)
         # "new" holds the same schema, empty: phase 0 ("shadow") of a migration.
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{NEW_PORT}/marketplace") as conn:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{new_port}/marketplace") as conn:
             assert conn.execute("select count(*) from listings").fetchone() == (0,)
         # The banner's control commands work as printed: every read to "new" (empty), then back.
         token = re.search(r"export PGSHIFT_ADMIN_TOKEN=(\w+)", banner)
@@ -95,6 +104,6 @@ def test_demo_serves_the_sample_and_cleans_up() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    assert not _port_open(OLD_PORT) and not _port_open(NEW_PORT)
+    assert not _port_open(old_port) and not _port_open(new_port)
     after = set(glob.glob("/tmp/pgshift-old-*")) | set(glob.glob("/tmp/pgshift-new-*"))
     assert after <= before, f"demo left {after - before}"
