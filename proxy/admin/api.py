@@ -206,6 +206,7 @@ class AdminApi:
             "instance": plane.instance,
             "version": live.version,
             "live": plane.config.control.live,
+            "problem": plane.problem,
             "routing": dump_routing(live.routing),
             "last_change": {
                 "at": current.created_at,

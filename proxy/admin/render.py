@@ -60,6 +60,8 @@ def status_lines(state: dict[str, Any]) -> list[str]:
     routing = state.get("routing") or {}
     fixed = "" if state.get("live", True) else " (fixed at startup: [control] live = false)"
     out = [f"instance {clean(state.get('instance'))}: routing version {version}{fixed}"]
+    if state.get("problem"):
+        out.append(f"  PROBLEM: {clean(state['problem'])}")
     note = f' — "{clean(changed["note"])}"' if changed.get("note") else ""
     out.append(
         f"  last change {_utc(changed.get('at'))} ({_ago(changed.get('at'))}) by {clean(changed.get('caller'))}"

@@ -50,7 +50,6 @@ class StoreHealth:
     ok: bool = True
     error: str | None = None
     down_since: float | None = None
-    failures: int = 0
 
 
 @dataclass
@@ -88,7 +87,9 @@ class ControlPlane:
         self.history: list[RoutingVersion] = []
         self.store_health = StoreHealth()
         self.changes: Counter[str] = Counter()  # by source, this instance's own
-        self.rejected: Counter[str] = Counter()  # remote versions this instance could not install
+        # Why the newest version in the store is not the one running here, if it is not.
+        self.problem: str | None = None
+        self._current: RoutingVersion | None = None  # the installed version
         self.applied_at = 0.0
         self.probes: dict[str, Probe] = {}
         self.window = RateWindow()
@@ -98,11 +99,14 @@ class ControlPlane:
 
     @property
     def current(self) -> RoutingVersion:
-        return self.history[-1] if self.history else self._never_started()
+        """The installed version (the newest in ``history``, unless this instance could not
+        install that one: see ``problem``)."""
+        assert self._current is not None, "control plane not started"
+        return self._current
 
-    @staticmethod
-    def _never_started() -> RoutingVersion:
-        raise AssertionError("control plane not started")
+    @property
+    def newest(self) -> int:
+        return self.history[-1].version if self.history else 0
 
     @property
     def shared(self) -> bool:
@@ -132,7 +136,7 @@ class ControlPlane:
             break
         else:
             raise ControlError("could not settle the routing version at startup (the store keeps changing)")
-        current = self.current
+        current = self.history[-1]
         problems = current.routing.problems(self.config.backends)
         if problems:
             raise ConfigError(
@@ -155,14 +159,32 @@ class ControlPlane:
         return next((v for v in reversed(self.history) if v.source in _FROM_FILE), None)
 
     def _next(self, routing: RoutingConfig, source: str, caller: str, note: str) -> RoutingVersion:
-        parent = self.history[-1].version if self.history else None
-        return RoutingVersion((parent or 0) + 1, routing, source, caller, note, parent)
+        """Numbered after the newest known version; its parent is the one it replaces here."""
+        parent = self._current.version if self._current is not None else None
+        return RoutingVersion(self.newest + 1, routing, source, caller, note, parent)
 
     def _install(self, version: RoutingVersion, config: Config | None = None) -> None:
         self.live.install(version.routing, version.version, config)
         if config is not None:
             self.config = config
+        self._current = version
+        self.problem = None if version.version == self.newest else self.problem
         self.applied_at = time.time()
+
+    def _install_newest(self) -> bool:
+        """Install the newest known version if it fits this instance's backends; else say why."""
+        latest = self.history[-1]
+        problems = latest.routing.problems(self.config.backends)
+        if problems:
+            self.problem = (
+                f"routing version {latest.version} names backends this instance lacks ({'; '.join(problems)}); "
+                f"still serving version {self.current.version}: declare them here and reload"
+            )
+            log.error("%s", self.problem)
+            return False
+        if latest is not self._current:
+            self._install(latest)
+        return True
 
     async def close(self) -> None:
         if isinstance(self.store, PgStore) and self.store.connected:
@@ -348,8 +370,10 @@ class ControlPlane:
                         f"the new config does not fit the running routing version {self.current.version}: "
                         f"{'; '.join(problems)}; change the routing first"
                     )
+                self._install(self.current, new)
+                if self.newest != self.current.version:
+                    self._install_newest()  # a version that waited for a backend this file declares
                 version = self.current
-                self._install(version, new)
         log.info("config reloaded by %s%s", caller, "; ".join(["", *warnings]))
         return ReloadResult(version, routing_changed, warnings)
 
@@ -361,24 +385,13 @@ class ControlPlane:
     async def refresh(self) -> None:
         """Install versions other instances made (newest valid one wins)."""
         async with self._lock:
-            newer = await self.store.load(after=self.current.version)
+            newer = await self.store.load(after=self.newest)
             if not newer:
                 return
             self.history.extend(newer)
-            latest = newer[-1]
-            problems = latest.routing.problems(self.config.backends)
-            if problems:
-                self.rejected[str(latest.version)] += 1
-                log.error(
-                    "routing version %d from the store names backends this instance lacks (%s); "
-                    "still serving version %d",
-                    latest.version,
-                    "; ".join(problems),
-                    self.live.version,
-                )
-                return
-            self._install(latest)
-            log.info("routing version %d installed (%s by %s)", latest.version, latest.source, latest.caller)
+            if self._install_newest():
+                latest = self.current
+                log.info("routing version %d installed (%s by %s)", latest.version, latest.source, latest.caller)
 
     def _store_ok(self) -> None:
         health = self.store_health
@@ -392,7 +405,6 @@ class ControlPlane:
             log.error("%s; serving routing version %d until it is back", exc.message, self.live.version)
             health.down_since = time.time()
         health.ok, health.error = False, exc.message
-        health.failures += 1
 
     async def run(self, stop: asyncio.Event) -> None:
         """Background work until ``stop``: store heartbeat and catch-up, backend probes."""
@@ -420,7 +432,7 @@ class ControlPlane:
                 if poked:
                     await self.refresh()
                 newest = await store.heartbeat(self.instance, self.live.version, _host(), self.admin_address)
-                if newest > self.current.version:
+                if newest > self.newest:
                     await self.refresh()
                 self.instances = await store.instances()
                 self._store_ok()

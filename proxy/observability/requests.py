@@ -18,12 +18,6 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 SUM = len(LATENCY_BUCKETS) + 1  # index of the running sum in a series
 
 
-def record(series: list[float], seconds: float) -> None:
-    """One observation into a series from ``RequestStats.series`` (inlined where it is hot)."""
-    series[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-    series[SUM] += seconds
-
-
 class RequestStats:
     """``latency[(backend, kind)]`` = a series: per-bucket counts (non-cumulative, +Inf last), then
     the sum of the observed seconds; ``errors[(backend, sqlstate)]`` counts the ErrorResponses
@@ -43,7 +37,10 @@ class RequestStats:
         return found
 
     def observe(self, backend: str, kind: str, seconds: float) -> None:
-        record(self.series(backend, kind), seconds)
+        """One observation (the routed relay inlines these two lines on a series it resolved)."""
+        series = self.series(backend, kind)
+        series[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        series[SUM] += seconds
 
     def error(self, backend: str, sqlstate: str) -> None:
         self.errors[(backend, sqlstate)] += 1

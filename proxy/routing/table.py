@@ -7,7 +7,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from proxy.config import Config, RoutingConfig
+from proxy.config import RoutingConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +68,6 @@ class RoutingTable:
     default_sticky: bool
     rules: tuple[Rule, ...]  # most specific first; ties keep the order of the config file
     primary_only: bool = False  # every weight (default and rules) names only the primary
-
-    @classmethod
-    def from_config(cls, config: Config) -> RoutingTable:
-        return cls.build(config.routing, config.backends)
 
     @classmethod
     def build(cls, routing: RoutingConfig, backends: Iterable[str]) -> RoutingTable:

@@ -187,3 +187,26 @@ def test_an_unreadable_version_in_the_store_is_reported_not_installed(
         assert "stored routing version is unreadable" in state["store"]["error"]
         assert state["version"] == 1  # still serving what it had
     assert port_of(proxy) == two_clusters.old.port
+
+
+def test_a_version_naming_a_backend_this_instance_lacks_is_reported_not_installed(
+    store_dsn: str, two_clusters: TwoClusters
+) -> None:
+    """Instances with different backends: the one lacking a backend keeps its version, says why
+    in status, and a later change it can run is installed again."""
+    wide = control_config(two_clusters, control={"store": store_dsn, "instance": "wide"})
+    wide["backends"]["third"] = {"dsn": two_clusters.new.dsn(user="", dbname="")}
+    narrow = control_config(two_clusters, control={"store": store_dsn, "instance": "narrow"})
+    with ProxyThread(wide) as first, ProxyThread(narrow) as second, api(first) as a, api(second) as b:
+        assert a.patch("/api/routing", json={"reads": {"old": 1, "third": 1}}).json()["version"] == 2
+
+        def reports_problem() -> bool:
+            return bool(b.get("/api/state").json()["problem"])
+
+        wait_for(reports_problem, within=3.0)
+        state = b.get("/api/state").json()
+        assert state["version"] == 1 and "names backends this instance lacks" in state["problem"]
+        assert "third" in state["problem"]
+        assert a.patch("/api/routing", json={"reads": {"old": 1, "new": 1}}).json()["version"] == 3
+        wait_for(lambda: version_of(second) == 3, within=1.0)
+        assert b.get("/api/state").json()["problem"] is None

@@ -21,7 +21,7 @@ def table(**routing: Any) -> RoutingTable:
             "routing": {"primary": "old", **routing},
         }
     )
-    return RoutingTable.from_config(config)
+    return RoutingTable.build(config.routing, config.backends)
 
 
 def route(sql: str, t: RoutingTable, seed: int = 1, **ctx: Any) -> Any:
