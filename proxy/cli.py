@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
-from proxy.admin.render import clean, history_lines, status_lines
+from proxy.admin.render import clean, history_lines, mirror_lines, status_lines
 from proxy.errors import ConfigError, PgShiftError
 
 if TYPE_CHECKING:
@@ -210,6 +210,34 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mirror_status(args: argparse.Namespace) -> int:
+    with _admin(args) as api:
+        status = api.mirror()
+    if args.json:
+        _print_json(status)
+    else:
+        for line in mirror_lines(status):
+            print(line)
+    if args.check:
+        troubled = any(m["out_of_sync"] or any(d["detached"] for d in m["databases"]) for m in status["mirrors"])
+        return 1 if troubled else 0
+    return 0
+
+
+def _cmd_mirror_resume(args: argparse.Namespace) -> int:
+    with _admin(args) as api:
+        result = api.mirror_resume(args.name, repaired=args.repaired)
+    if args.json:
+        _print_json(result)
+        return 0
+    resumed = ", ".join(result.get("resumed") or []) or "(it was not detached)"
+    print(f"mirror {clean(args.name)}: capture resumed for database(s) {clean(resumed)}")
+    if args.repaired:
+        cleared = ", ".join(result.get("cleared") or []) or "(none listed)"
+        print(f"  out-of-sync tables cleared: {clean(cleared)}")
+    return 0
+
+
 def _count(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         if not re.fullmatch(r"[0-9]+", text) or int(text) < minimum:
@@ -332,6 +360,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = operator("reload", "make the proxy re-read its config file (like SIGHUP)", [api])
     reload.set_defaults(func=_cmd_reload)
+
+    mirror = operator("mirror", "dual write: status of the mirrors, resume one after repair", [])
+    mirror_sub = mirror.add_subparsers(dest="mirror_command", required=True, metavar="ACTION")
+    mirror_status = mirror_sub.add_parser(
+        "status", help="queues, lag, applied/failed/diverged counts, out-of-sync tables, recent divergences",
+        description="Dual-write status of a running proxy: per mirror and database the apply queue, lag and counts, "
+        "the tables that need repair, and the latest journal entries.",
+        parents=[api], epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    mirror_status.add_argument(
+        "--check", action="store_true", help="exit 1 if a mirror is detached or has out-of-sync tables"
+    )
+    mirror_status.set_defaults(func=_cmd_mirror_status)
+    mirror_resume = mirror_sub.add_parser(
+        "resume", help="start capturing for a detached mirror again",
+        description="Start capturing writes for a detached mirror again. Writes made while it was detached are not "
+        "replayed: repair its out-of-sync tables (pgshift verify/repair, or a re-sync), then pass --repaired to clear "
+        "them from the list.",
+        parents=[api], epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    mirror_resume.add_argument("name", metavar="MIRROR", help="the mirror backend")
+    mirror_resume.add_argument(
+        "--repaired", action="store_true", help="its out-of-sync tables were repaired: clear them from the journal"
+    )
+    mirror_resume.set_defaults(func=_cmd_mirror_resume)
     return parser
 
 

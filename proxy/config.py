@@ -152,7 +152,12 @@ class BackendConfig(BaseModel):
     model_config = _FROZEN
     dsn: str
     password: str | None = None  # literal or env:VAR; overrides a password in the DSN
+    # The account that applies mirrored writes when this backend is a mirror (one connection per
+    # database, shared by every session). Default: the user the DSN pins.
+    mirror_user: str | None = None
+    mirror_password: str | None = None  # literal or env:VAR (default: password)
     _address: BackendAddress = PrivateAttr()
+    _mirror_password: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _derive(self) -> BackendConfig:
@@ -161,12 +166,20 @@ class BackendConfig(BaseModel):
         if password is None:
             password = resolve_secret(address.password, "dsn password")
         self._address = address.model_copy(update={"password": password})
+        mirror_password = resolve_secret(self.mirror_password, "mirror_password")
+        self._mirror_password = mirror_password if mirror_password is not None else password
         return self
 
     @property
     def address(self) -> BackendAddress:
         """The DSN parsed, with the password resolved (env:VAR read at load time)."""
         return self._address
+
+    @property
+    def apply_account(self) -> tuple[str, str | None] | None:
+        """(user, password) that applies mirrored writes here; None if none is configured."""
+        user = self.mirror_user or self._address.user
+        return (user, self._mirror_password) if user else None
 
 
 Weights = dict[str, Annotated[int, Field(ge=0)]]
@@ -312,6 +325,58 @@ class ControlConfig(BaseModel):
         return self._store_password
 
 
+MirrorMode = Literal["async", "sync"]
+UnsafePolicy = Literal["record", "reject", "replay"]
+
+
+class MirrorRule(BaseModel):
+    """Dual-write settings for some sessions (by user / application_name) or transactions (by table)."""
+
+    model_config = _FROZEN
+    name: str | None = None
+    users: list[str] | None = None
+    application_names: list[str] | None = None
+    tables: list[str] | None = None  # matches a transaction that writes any of these tables
+    mode: MirrorMode | None = None
+    sync_timeout: Annotated[float, Field(gt=0, le=3600)] | None = None
+    unsafe: UnsafePolicy | None = None
+
+    @model_validator(mode="after")
+    def _criteria(self) -> MirrorRule:
+        if not (self.tables or self.users or self.application_names):
+            raise ValueError("a mirror rule needs at least one of tables, users, application_names")
+        return self
+
+
+class MirrorConfig(BaseModel):
+    """Dual write to the backends listed in routing.mirrors (README "Dual write")."""
+
+    model_config = _FROZEN
+    # async: the client never waits for a mirror; sync: a COMMIT is answered once every mirror
+    # applied the transaction, or sync_timeout passed.
+    mode: MirrorMode = "async"
+    sync_timeout: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    # What a client sees when a sync mirror is late: its COMMIT answer plus a WARNING ("warn"), or
+    # just the answer ("journal"). Either way the transaction is committed and journaled.
+    on_timeout: Literal["warn", "journal"] = "warn"
+    # Writes that can neither be replayed faithfully nor captured as row images (writable CTEs,
+    # MERGE, CALL, DO, a table without primary key for row images): run and journal the tables
+    # ("record"), refuse with an error before anything runs ("reject"), or replay anyway ("replay").
+    unsafe: UnsafePolicy = "record"
+    # DDL through the proxy: only on the primary (journaled), also on the mirrors, or refused.
+    ddl: Literal["primary_only", "mirror", "reject"] = "primary_only"
+    # SELECT calling functions that may write (user functions, volatile ones): replayed on the
+    # mirrors when true; when false they run on the primary only (journaled as unmirrored).
+    functions: bool = False
+    # Memory bound of one mirror's apply queue; above it capture for that mirror stops and the
+    # tables involved are marked out of sync.
+    queue_bytes: Annotated[int, Field(ge=1 << 16, le=1 << 34)] = 64 << 20
+    # A mirror unreachable this long (with writes waiting) is detached the same way.
+    down_after: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    journal: Path | None = None  # divergence journal (default beside config.toml: pgshift-mirror.jsonl)
+    rules: list[MirrorRule] = []
+
+
 class Config(BaseModel):
     model_config = _FROZEN
     listen: ListenConfig = ListenConfig()
@@ -319,12 +384,20 @@ class Config(BaseModel):
     auth: AuthConfig = AuthConfig()
     admin: AdminConfig = AdminConfig()
     control: ControlConfig = ControlConfig()
+    mirror: MirrorConfig = MirrorConfig()
     backends: Annotated[dict[str, BackendConfig], Field(min_length=1)]
     routing: RoutingConfig
 
     @model_validator(mode="after")
     def _references(self) -> Config:
         problems = self.routing.problems(self.backends)
+        for name in self.routing.mirrors:
+            backend = self.backends.get(name)
+            if backend is not None and backend.apply_account is None:
+                problems.append(
+                    f"backends.{name} is a mirror but has no account to apply writes with: set "
+                    f"backends.{name}.mirror_user (and mirror_password), or a user in its dsn"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -369,4 +442,8 @@ def load_config(path: Path) -> Config:
         data["control"] = {**control, "state_file": str(state if state.is_absolute() else path.parent / state)}
     elif control is None or (isinstance(control, dict) and not control.get("store")):
         data["control"] = {**(control or {}), "state_file": str(path.parent / "pgshift-state.jsonl")}
+    mirror = data.get("mirror")
+    if mirror is None or isinstance(mirror, dict):
+        journal = Path(str((mirror or {}).get("journal") or "pgshift-mirror.jsonl"))
+        data["mirror"] = {**(mirror or {}), "journal": str(journal if journal.is_absolute() else path.parent / journal)}
     return parse_config(data, str(path))

@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from proxy.config import Config
+from proxy.mirror.journal import Journal
+from proxy.mirror.manager import MirrorManager
 from proxy.observability import RequestStats
 from proxy.routing import Live, RoutingStats
 from proxy.session.catalog import FunctionCatalog
@@ -60,11 +62,12 @@ class Server:
             requests=RequestStats(),
             rng=random.Random(),
             catalog=FunctionCatalog(),
+            mirror=MirrorManager(self.live, Journal(config.mirror.journal)),
         )
         # A session that may have to follow a flip, or spread reads, knows its requests (analysis,
         # settings, prepared statements); with routing fixed at startup and every read on the
         # primary, each session is a plain relay to it (the fastest path).
-        routed = config.control.live or self.live.table.splits_reads
+        routed = config.control.live or self.live.table.splits_reads or bool(self.live.table.mirrors)
         self._session_class: type[Session] = RoutedSession if routed else Session
         self.draining = False
         self._server: asyncio.Server | None = None
@@ -77,7 +80,12 @@ class Server:
         sock: socket.socket = self._server.sockets[0]
         return int(sock.getsockname()[1])
 
+    @property
+    def mirror(self) -> MirrorManager:
+        return self.ctx.mirror
+
     async def start(self) -> None:
+        self.ctx.mirror.start()
         listen = self.live.config.listen
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -141,4 +149,7 @@ class Server:
                     await asyncio.wait(pending, timeout=2.0)
         if self._server is not None:
             await self._server.wait_closed()
+        # Queued mirror writes get what is left of the grace period (at least a moment); what
+        # still waits after that is journaled as not applied.
+        await self.ctx.mirror.close(drain=max(1.0, min(grace, 10.0)))
         log.info("stopped")

@@ -51,6 +51,8 @@ class AdminApi:
         r.add_post("/api/flip", self.flip)
         r.add_post("/api/rollback", self.rollback)
         r.add_post("/api/reload", self.reload)
+        r.add_get("/api/mirror", self.mirror_status)
+        r.add_post("/api/mirror/{name}/resume", self.mirror_resume)
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
@@ -107,8 +109,8 @@ class AdminApi:
         if self.token is None:
             return _error(
                 403,
-                'routing changes need an admin token: set [admin] token = "env:PGSHIFT_ADMIN_TOKEN" in the '
-                "config, export that variable, and reload or restart",
+                'changes (routing, mirror resume) need an admin token: set [admin] token = "env:PGSHIFT_ADMIN_TOKEN" '
+                "in the config, export that variable, and reload or restart",
             )
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
@@ -304,6 +306,25 @@ class AdminApi:
                 "instance": self.plane.instance,
             }
         )
+
+    async def mirror_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.server.mirror.status())
+
+    async def mirror_resume(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = await self._body(request, optional=True)
+        if not isinstance(body, dict) or set(body) - {"repaired"}:
+            raise ControlError('body must be a JSON object: {} or {"repaired": true}')
+        repaired = body.get("repaired", False)
+        if not isinstance(repaired, bool):
+            raise ControlError("repaired must be true or false")
+        manager = self.server.mirror
+        known = set(self.plane.config.backends)
+        if name not in known:
+            raise ControlError(f'no backend named "{name}"; declared backends: {", ".join(sorted(known))}')
+        result = manager.resume(name, repaired=repaired)
+        log.warning("mirror %s resumed by %s (repaired=%s)", name, self._caller(request), repaired)
+        return web.json_response(result)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

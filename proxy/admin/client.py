@@ -215,6 +215,12 @@ class AdminClient:
     def reload(self) -> dict[str, Any]:
         return self._call("POST", "api/reload", body={})
 
+    def mirror(self) -> dict[str, Any]:
+        return self._call("GET", "api/mirror")
+
+    def mirror_resume(self, name: str, *, repaired: bool = False) -> dict[str, Any]:
+        return self._call("POST", f"api/mirror/{quote(name, safe='')}/resume", body={"repaired": repaired})
+
     # --- transport ----------------------------------------------------------------------------
 
     def _call(

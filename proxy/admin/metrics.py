@@ -7,6 +7,7 @@ families on each scrape, on an injected CollectorRegistry (no module globals).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
@@ -44,6 +45,17 @@ HELP: dict[str, str] = {
     "pgshift_control_instances": "Instances seen in the shared control store, by the version they run",
     "pgshift_admin_changes": "Routing versions this instance made, by source (config, reload, put, patch, flip, "
     "rollback)",
+    "pgshift_mirror_queue_transactions": "Committed transactions waiting for (or in flight to) a mirror, by mirror "
+    "and database",
+    "pgshift_mirror_queue_bytes": "Bytes held for a mirror's apply queue (bounded by mirror.queue_bytes)",
+    "pgshift_mirror_lag_seconds": "Age of the oldest transaction a mirror has not applied yet",
+    "pgshift_mirror_applied": "Transactions a mirror applied with every statement matching the primary",
+    "pgshift_mirror_failed": "Transactions a mirror did not apply (error, unknown outcome): journaled",
+    "pgshift_mirror_journal_entries": "Divergence journal entries, by mirror and kind (diverged, failed, unmirrored, "
+    "out_of_sync, ddl, late)",
+    "pgshift_mirror_unmirrored_transactions": "Committed transactions a mirror did not get (detached or dropped)",
+    "pgshift_mirror_out_of_sync_tables": "Tables on a mirror that need repair (see pgshift mirror status)",
+    "pgshift_mirror_detached": "1 while capture for a mirror (and database) is stopped until an operator resumes it",
     "pgshift_analysis_cache_hits": "Statement analyses served from the cache",
     "pgshift_analysis_cache_misses": "Statements parsed with pglast (not in the cache)",
 }
@@ -120,8 +132,27 @@ class ProxyCollector(Collector):
         yield _counter("pgshift_admin_changes", ["source"], [((k,), v) for k, v in self.plane.changes.items()])
 
         cache = ctx.analysis
+        yield from self._mirror()
         yield _counter("pgshift_analysis_cache_hits", [], [((), cache.hits)])
         yield _counter("pgshift_analysis_cache_misses", [], [((), cache.misses)])
+
+    def _mirror(self) -> Iterator[Metric]:
+        manager = self.server.mirror
+        keyed = ["mirror", "database"]
+        streams = sorted(manager.streams.items())
+        yield _gauge("pgshift_mirror_queue_transactions", keyed, [(k, s.queued) for k, s in streams])
+        yield _gauge("pgshift_mirror_queue_bytes", keyed, [(k, s.queued_bytes) for k, s in streams])
+        yield _gauge("pgshift_mirror_lag_seconds", keyed, [(k, s.lag_seconds) for k, s in streams])
+        yield _counter("pgshift_mirror_applied", keyed, [(k, s.applied) for k, s in streams])
+        yield _counter("pgshift_mirror_failed", keyed, [(k, s.failed) for k, s in streams])
+        journal = manager.journal
+        yield _counter("pgshift_mirror_journal_entries", ["mirror", "kind"], sorted(journal.counts.items()))
+        unmirrored = [((m,), n) for (m, event), n in sorted(manager.counts.items()) if event == "unmirrored_txns"]
+        yield _counter("pgshift_mirror_unmirrored_transactions", ["mirror"], unmirrored)
+        tables = Counter(m for m, _, _ in journal.out_of_sync)
+        mirrors = sorted(set(self.plane.live.routing.mirrors) | set(tables))
+        yield _gauge("pgshift_mirror_out_of_sync_tables", ["mirror"], [((m,), tables[m]) for m in mirrors])
+        yield _gauge("pgshift_mirror_detached", keyed, [(k, 1) for k in sorted(manager.detached)])
 
 
 Samples = Iterable[tuple[tuple[str, ...], float]]

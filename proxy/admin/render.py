@@ -159,3 +159,51 @@ def history_lines(history: dict[str, Any]) -> list[str]:
     lines = _table(["  VERSION", "TIME (UTC)", "SOURCE", "CALLER", "NOTE", "CHANGES"], rows)
     lines.append(f"(* current: version {current})")
     return lines
+
+
+def mirror_lines(status: dict[str, Any]) -> list[str]:
+    """``pgshift mirror status`` as text."""
+    out = [
+        f"dual write: mode {clean(status.get('mode'))}, unsafe writes: {clean(status.get('unsafe'))}, "
+        f"ddl: {clean(status.get('ddl'))}, transactions committed: {clean(status.get('committed'))}",
+        f"journal: {clean(status.get('journal') or '(memory only)')}"
+        + (f"  ({status['journal_write_errors']} WRITE ERRORS)" if status.get("journal_write_errors") else ""),
+    ]
+    mirrors = status.get("mirrors") or []
+    if not mirrors:
+        out.append("no mirrors (set [routing] mirrors = [...] to dual-write)")
+    for mirror in mirrors:
+        out.append("")
+        configured = "" if mirror.get("configured") else "  (no longer in routing.mirrors)"
+        out.append(
+            f"mirror {clean(mirror['name'])}{configured}: diverged {mirror['diverged']}, failed {mirror['failed']}, "
+            f"unmirrored {mirror['unmirrored']} (+{mirror['unmirrored_txns']} transactions while detached), "
+            f"sync timeouts {mirror['sync_timeouts']}"
+        )
+        rows = [
+            [
+                d["database"], d["state"], d["queued"], d["queued_bytes"], _number(d["lag_seconds"], 3),
+                d["applied"], d["failed"], d["last_applied_seq"],
+                (d["detached"] or {}).get("reason") or d["last_error"] or "",
+            ]
+            for d in mirror["databases"]
+        ]  # fmt: skip
+        if rows:
+            headers = ["database", "state", "queued", "bytes", "lag s", "applied", "failed", "last seq", "note"]
+            out.extend("  " + line for line in _table(headers, rows, right=frozenset({2, 3, 4, 5, 6, 7})))
+        tables = mirror.get("out_of_sync") or []
+        if tables:
+            out.append(f"  NEEDS REPAIR ({len(tables)} tables):")
+            rows = [[t["database"], t["table"], _ago(t["since"]), t["reason"]] for t in tables]
+            out.extend("    " + line for line in _table(["database", "table", "since", "first reason"], rows))
+    recent = status.get("recent") or []
+    if recent:
+        out.append("")
+        out.append("recent journal entries (newest last):")
+        rows = [
+            [_utc(e.get("at")), e.get("mirror", ""), e.get("kind", ""), ", ".join(e.get("tables") or []),
+             (e.get("fingerprint") or "")[:16], e.get("reason", "")]
+            for e in recent[-15:]
+        ]  # fmt: skip
+        out.extend("  " + line for line in _table(["at", "mirror", "kind", "tables", "fingerprint", "reason"], rows))
+    return out

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 
 from proxy.backends.connection import BackendConnection
 from proxy.errors import PgShiftError, ProtocolViolation
+from proxy.mirror.capture import Capture, Rejected
+from proxy.mirror.settings import REPORTED, SessionSettings, from_startup
 from proxy.observability import LATENCY_BUCKETS, SUM
 from proxy.routing import Plan, Reason, RoutingTable, needs_catalog, plan
 from proxy.session.catalog import lookup_sql
@@ -35,7 +37,7 @@ from proxy.session.settings import SettingsLog
 from proxy.session.statements import PreparedStatements
 from proxy.sql import Analysis, Pin
 from proxy.wire.codes import FrontendCode, TxStatus
-from proxy.wire.messages import SYNC, Query
+from proxy.wire.messages import FLUSH, SYNC, Parse, Query
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ _EXTENDED = frozenset(
     )
 )
 _IDLE = TxStatus.IDLE.value
+_PARSE = FrontendCode.PARSE.value
 _PRIMARY_ONLY = Reason.PRIMARY_ONLY.value
 _SUM = SUM
 # A request that must follow the previous one is forwarded once this much of it is buffered
@@ -116,6 +119,10 @@ class RoutedSession(Session):
         self._busy: dict[str, tuple[float, list[float]]] = {}  # backend → (request start, latency series)
         self._lookups: set[str] = set()  # function names to ask the primary's pg_proc about
         self._asked: deque[set[str]] = deque()  # lookups in flight, in order
+        self._capture: Capture | None = None  # dual write: set once mirroring reaches this session
+        self._captured_on: BackendConnection | None = None  # the primary connection it taps
+        self._rewritten: dict[str, bytes] = {}  # Parse frames capture rewrote, by statement name
+        self._refused = False  # the request being forwarded was replaced by a policy's refusal
 
     # --- lifecycle hooks ------------------------------------------------------------------
 
@@ -345,6 +352,14 @@ class RoutedSession(Session):
                 self._finish()
                 return
         name = target.name
+        if name == self.primary and (self._capture is not None or self.ctx.mirror.active()):
+            captured = self._capture_request(target, frames)
+            if captured is not frames:
+                frames = captured
+                whole = None
+                if self._refused:  # what runs now is the replacement: nothing of the original
+                    self._refused = False
+                    info = scan(frames, self.ctx.analysis, self._statements.analyses)
         expected = target.expected
         out: list[bytes] = []
         replay = self._settings.missing(name) if self._settings.owes(name) else []
@@ -390,7 +405,75 @@ class RoutedSession(Session):
         self._current = target
         self._after_forward(name, info)
 
+    def _capture_request(self, target: BackendConnection, frames: list[RawFrame]) -> list[RawFrame]:
+        """Dual write: plan the request's statements; the frames to send (rewritten where a row
+        image is added, replaced when a policy refuses one)."""
+        capture = self._capture
+        if capture is None:
+            if self._tx_on is not None or not target.scanner.idle:
+                return frames  # capture starts at a transaction boundary, never halfway through one
+            capture = self._capture = self._start_capture(target)
+        if self._captured_on is not target:
+            self._captured_on = target  # (a flip moved the session: its FIFO is empty by now)
+        try:
+            edited = capture.request(frames)
+        except Rejected as exc:
+            return self._reject(target, frames, exc)
+        if edited is None:
+            return frames
+        self._rewritten.clear()
+        for code, raw in edited:
+            if code == _PARSE:
+                self._rewritten[raw[5 : raw.index(b"\x00", 5)].decode(errors="replace")] = raw
+        return edited
+
+    def _start_capture(self, target: BackendConnection) -> Capture:
+        startup = from_startup(self.client_params)
+        if target.startup is not None:
+            startup.update({k: v for k, v in target.startup.parameters.items() if k in REPORTED})
+        return Capture(
+            self.ctx.mirror,
+            session=f"{self.client.peer}",
+            database=self._database,
+            user=self.user,
+            application_name=self.client_params.get("application_name", ""),
+            settings=SessionSettings(startup),
+            write=self._client_write,
+            known=self._statements.frames.get,
+        )
+
+    def _client_write(self, data: bytes) -> None:
+        self._to_client(data)
+
+    def _reject(self, target: BackendConnection, frames: list[RawFrame], exc: Rejected) -> list[RawFrame]:
+        """Refuse a request without running any of it, so that the client and the transaction
+        see exactly a failed statement: the primary itself raises the error (a transaction in
+        progress is aborted, as it would be by any failing statement)."""
+        assert self._capture is not None
+        error = exc.error
+        raise_sql = (
+            "DO $pgshift$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = "
+            f"{_quote(error.message)}, HINT = {_quote(error.hint or '')}; END$pgshift$"
+        )
+        log.info("session %s: statement refused: %s", self.client.peer, error.message)
+        if frames[-1][0] == _SYNC or frames[-1][0] == FrontendCode.QUERY.value:
+            replacement = [Query(raise_sql).encode()]
+        else:  # open-ended (…, Flush): Postgres answers an error, then skips to the client's Sync
+            replacement = [Parse("", f"SELECT {_quote('pgshift: ' + error.message)}::int4").encode(), FLUSH]
+        frames = [(raw[0], raw) for raw in replacement]
+        self._capture.refused(frames)
+        self._refused = True
+        return frames
+
     def _after_forward(self, name: str, info: RequestInfo) -> None:
+        rewritten = self._rewritten
+        if rewritten:
+            # The statements as the server has them (with the row-image column): a flip re-Parses
+            # these on the new primary, and capture expects that column from it.
+            info.parses = [(stmt, rewritten.get(stmt, raw), analysis) for stmt, raw, analysis in info.parses]
+            if info.unnamed_parsed and "" in rewritten:
+                info.unnamed_parse = rewritten[""]
+            self._rewritten = {}
         for stmt, raw, analysis in info.parses:
             self._statements.parsed(stmt, raw, analysis, name)
         for stmt in info.closes:
@@ -466,6 +549,9 @@ class RoutedSession(Session):
         raise AssertionError("a routed session takes replies through backend_reply (see _adopt)")
 
     def backend_reply(self, conn: BackendConnection, data: bytes) -> None:
+        if conn is self._captured_on and data:
+            assert self._capture is not None
+            data = self._capture.feed(data)
         held = self._hold
         if held is not None and held.conn is conn and not held.released:
             if data:
@@ -547,3 +633,7 @@ def _merge(analyses: list[Analysis]) -> Analysis | None:
     tables: frozenset[str] = frozenset().union(*(a.tables_read for a in analyses))
     hint = next((a.hint for a in analyses if a.hint), None)
     return replace(analyses[0], tables_read=tables, hint=hint)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

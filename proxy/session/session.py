@@ -21,6 +21,7 @@ from proxy.errors import (
     ProtocolViolation,
     ProxyBug,
 )
+from proxy.mirror.manager import MirrorManager
 from proxy.observability import RequestStats
 from proxy.routing import Live, RoutingStats
 from proxy.session.catalog import FunctionCatalog
@@ -68,6 +69,7 @@ class SessionContext:
     requests: RequestStats
     rng: random.Random
     catalog: FunctionCatalog
+    mirror: MirrorManager
 
 
 @dataclass(frozen=True, slots=True)

@@ -444,6 +444,7 @@ class CommandComplete:
 
 TERMINATE = frame(FrontendCode.TERMINATE, b"")
 SYNC = frame(FrontendCode.SYNC, b"")
+FLUSH = frame(FrontendCode.FLUSH, b"")
 
 
 def decode_data_row(payload: bytes) -> list[bytes | None]:

@@ -56,7 +56,11 @@ def routed_config(old: LocalCluster | str, new: LocalCluster | str, **routing: A
 
     return {
         "listen": {"host": "127.0.0.1", "port": 0},
-        "backends": {"old": {"dsn": dsn(old)}, "new": {"dsn": dsn(new)}},
+        # (mirror_user: the account that applies mirrored writes when a backend is a mirror)
+        "backends": {
+            "old": {"dsn": dsn(old), "mirror_user": "postgres"},
+            "new": {"dsn": dsn(new), "mirror_user": "postgres"},
+        },
         "routing": {"primary": "old", **routing},
     }
 

@@ -209,7 +209,10 @@ async def test_flip_and_rollback_under_load(proxy: ProxyThread, two_clusters: Tw
     table = "flip_load"
     for cluster in (two_clusters.old, two_clusters.new):
         cluster.psql(
-            f"drop table if exists {table}; create table {table} (id serial primary key, client int, port int)"
+            # (uuid keys: "new" is a mirror, so it gets old's rows with their serial ids while its own
+            # sequence stays behind; advancing sequences is the guarded cut-over's job, not a flip's)
+            f"drop table if exists {table}; create table {table} (id uuid primary key default gen_random_uuid(), "
+            "client int, port int)"
         )
     records: list[tuple[int, float, int, int]] = []  # (client, begin time, port at begin, port at end)
     stop = asyncio.Event()

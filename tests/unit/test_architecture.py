@@ -19,8 +19,10 @@ ALLOWED: dict[str, set[str]] = {
     "sql": {"errors", "config"},
     "routing": {"errors", "config", "sql"},
     "backends": {"errors", "config", "wire", "observability"},
-    "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability"},
-    "server": {"errors", "config", "session", "routing", "sql", "observability"},
+    # dual write: capture (used by sessions) and the apply streams (own backend connections)
+    "mirror": {"errors", "config", "wire", "backends", "routing", "sql"},
+    "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability", "mirror"},
+    "server": {"errors", "config", "session", "routing", "sql", "observability", "mirror"},
     "control": {"errors", "config", "routing", "observability"},
     "admin": {"errors", "config", "server", "control", "observability"},
     "app": {"errors", "config", "server", "routing", "observability", "control", "admin"},
@@ -35,6 +37,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "routing": {"asyncio", "socket", "ssl", "pglast", "httpx", "asyncpg"},
     "control": {"pglast", "aiohttp"},
     "sql": {"asyncio", "socket", "httpx", "asyncpg"},
+    "mirror": {"asyncpg"},  # replays the client's own frames: our wire codec, not a driver
 }
 
 

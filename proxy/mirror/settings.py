@@ -1,0 +1,151 @@
+"""The session settings a mirrored write depends on, tracked as (name, value) for set_config on the mirror."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pglast.ast as pg_ast
+from pglast.parser import ParseError, parse_sql
+
+# Reported by the primary (ParameterStatus) and meaningful for what a write stores: kept current
+# from those reports. Others reported (server_version, is_superuser, application_name, …) are not
+# the session's to set.
+REPORTED = frozenset({"TimeZone", "DateStyle", "IntervalStyle", "client_encoding", "standard_conforming_strings"})
+# Settings that cannot be given to set_config on the mirror (or mean nothing there).
+_SKIP = frozenset({"session_authorization", "transaction_isolation", "application_name"})
+# List settings whose elements Postgres quotes as identifiers when it flattens a SET (GUC_LIST_QUOTE).
+_LIST_QUOTE = frozenset({"search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries"})
+_PLAIN_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
+_STARTUP_NOT_GUC = frozenset({"user", "database", "replication", "options", "application_name"})
+_OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][\w.]*)=((?:\\.|\S)*)")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One effect of a SET/RESET statement: ``value`` None means back to the session's start."""
+
+    name: str
+    value: str | None
+    local: bool = False
+
+
+RESET_ALL = Change("*", None)
+
+
+@lru_cache(maxsize=1024)
+def changes(sql: str) -> tuple[Change, ...]:
+    """What a statement does to settings that matter for writes (cached: applications repeat them)."""
+    try:
+        stmts = parse_sql(sql)
+    except ParseError:
+        return ()
+    out: list[Change] = []
+    for raw in stmts:
+        stmt = raw.stmt
+        if isinstance(stmt, pg_ast.DiscardStmt):
+            out.append(RESET_ALL)
+            continue
+        if not isinstance(stmt, pg_ast.VariableSetStmt):
+            continue
+        kind = int(stmt.kind or 0)
+        name = _canonical(stmt.name or "")
+        local = bool(stmt.is_local)
+        if kind == 5:  # RESET ALL
+            out.append(RESET_ALL)
+        elif kind in (1, 4):  # SET … TO DEFAULT, RESET name
+            out.append(Change(name, None, local))
+        elif kind == 0 and name not in _SKIP:
+            out.append(Change(name, _flatten(name, stmt.args or ()), local))
+    return tuple(out)
+
+
+def _canonical(name: str) -> str:
+    lowered = name.lower()
+    return {"timezone": "TimeZone", "datestyle": "DateStyle", "intervalstyle": "IntervalStyle"}.get(lowered, lowered)
+
+
+def _flatten(name: str, args: tuple[object, ...] | list[object]) -> str:
+    """The value as set_config takes it (what Postgres' flatten_set_variable_args makes of the SET)."""
+    parts = []
+    for arg in args:
+        value = arg.val if isinstance(arg, pg_ast.A_Const) else None
+        if isinstance(value, pg_ast.String):
+            text = value.sval or ""
+            if name in _LIST_QUOTE and not _PLAIN_IDENT.match(text):
+                text = '"' + text.replace('"', '""') + '"'
+        elif isinstance(value, pg_ast.Integer):
+            text = str(value.ival)
+        elif isinstance(value, pg_ast.Float):
+            text = value.fval or ""
+        elif isinstance(value, pg_ast.Boolean):
+            text = "on" if value.boolval else "off"
+        else:
+            text = ""
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def from_startup(params: dict[str, str]) -> dict[str, str]:
+    """Settings the client gave at startup: GUC parameters and ``options`` (-c name=value)."""
+    found: dict[str, str] = {}
+    for key, value in params.items():
+        if key not in _STARTUP_NOT_GUC:
+            found[_canonical(key)] = value
+    for name, value in _OPTION.findall(params.get("options", "")):
+        found[_canonical(name)] = value.replace("\\ ", " ")
+    return {k: v for k, v in found.items() if k not in _SKIP}
+
+
+class SessionSettings:
+    """Committed settings, and those changed inside the open transaction (kept apart until it
+    ends: a rolled-back SET never happened; a SET LOCAL ends with its transaction)."""
+
+    __slots__ = ("_committed", "_local", "_startup", "_tx")
+
+    def __init__(self, startup: dict[str, str]) -> None:
+        self._startup = dict(startup)
+        self._committed = dict(startup)
+        self._tx: dict[str, str | None] = {}
+        self._local: dict[str, str | None] = {}
+
+    def reported(self, name: str, value: str) -> None:
+        """The primary reported a new value (ParameterStatus): it is the session's value now."""
+        if name in REPORTED and name not in _SKIP:
+            if self._tx or self._local:
+                self._tx[name] = value
+            else:
+                self._committed[name] = value
+
+    def apply(self, change: Change, in_transaction: bool) -> None:
+        if change is RESET_ALL:
+            if in_transaction:
+                self._tx = {k: self._startup.get(k) for k in {*self._committed, *self._tx}}
+            else:
+                self._committed = dict(self._startup)
+            return
+        value = change.value if change.value is not None else self._startup.get(change.name)
+        if change.local:
+            if in_transaction:
+                self._local[change.name] = value
+        elif in_transaction:
+            self._tx[change.name] = value
+        elif value is None:
+            self._committed.pop(change.name, None)
+        else:
+            self._committed[change.name] = value
+
+    def end_transaction(self, committed: bool) -> None:
+        if committed:
+            for name, value in self._tx.items():
+                if value is None:
+                    self._committed.pop(name, None)
+                else:
+                    self._committed[name] = value
+        self._tx.clear()
+        self._local.clear()
+
+    def effective(self) -> tuple[tuple[str, str], ...]:
+        merged: dict[str, str | None] = {**self._committed, **self._tx, **self._local}
+        return tuple(sorted((k, v) for k, v in merged.items() if v is not None))
