@@ -9,8 +9,9 @@ RUN pip install --no-cache-dir . \
     && mkdir -p /var/lib/pgshift && chown pgshift /var/lib/pgshift
 
 USER pgshift
-# Routing versions survive the container: set [control] state_file = "/var/lib/pgshift/state.jsonl"
-# in the mounted config (or a shared [control] store).
+# Routing versions and the dual-write journal survive the container: set [control] state_file =
+# "/var/lib/pgshift/state.jsonl" and [mirror] journal = "/var/lib/pgshift/mirror.jsonl" in the
+# mounted config (or use a shared [control] store).
 VOLUME /var/lib/pgshift
 EXPOSE 6432 9187
 # Listen on all interfaces inside the container: set [listen] host = "0.0.0.0" in the mounted config;

@@ -236,6 +236,7 @@ class AdminApi:
                 # Pinned sessions keep writing to the primary they started on until they end.
                 "on_previous_primary": sum(n for b, n in summary.by_primary.items() if b != live.routing.primary),
             },
+            "mirror": self.server.mirror.summary(),
         }
 
     async def history(self, request: web.Request) -> web.Response:

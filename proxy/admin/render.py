@@ -71,6 +71,13 @@ def status_lines(state: dict[str, Any]) -> list[str]:
     out += ["", "routing"]
     out.append(f"  primary  {clean(routing.get('primary'))}")
     out.append(f"  mirrors  {clean(', '.join(routing.get('mirrors') or []) or '(none)')}")
+    for mirror in state.get("mirror") or []:
+        repair = mirror.get("out_of_sync_tables") or 0
+        out.append(
+            f"    {clean(mirror.get('name'))}: {clean(mirror.get('state'))}, queue {clean(mirror.get('queued'))}, "
+            f"lag {_number(mirror.get('lag_seconds'), 3)} s, diverged {clean(mirror.get('diverged'))}"
+            + (f", {repair} table(s) NEED REPAIR (pgshift mirror status)" if repair else "")
+        )
     out.append(f"  reads    {clean(_weights(routing.get('reads')))}   sticky {clean(routing.get('sticky'))}")
     rules = routing.get("rules") or []
     if rules:

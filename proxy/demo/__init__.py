@@ -39,8 +39,9 @@ def demo_config(
         "listen": {"host": "127.0.0.1", "port": proxy_port},
         "admin": admin,
         "backends": {
-            "old": {"dsn": f"postgresql://127.0.0.1:{old_port}?sslmode=disable"},
-            "new": {"dsn": f"postgresql://127.0.0.1:{new_port}?sslmode=disable"},
+            # (mirror_user: ready for dual write, e.g. PATCH /api/routing {"mirrors": ["new"]})
+            "old": {"dsn": f"postgresql://127.0.0.1:{old_port}?sslmode=disable", "mirror_user": "postgres"},
+            "new": {"dsn": f"postgresql://127.0.0.1:{new_port}?sslmode=disable", "mirror_user": "postgres"},
         },
         "routing": {"primary": "old"},
     }

@@ -700,10 +700,6 @@ class Capture:
         if data:
             self._write(data)
 
-    @property
-    def open_bytes(self) -> int:
-        return self._size
-
 
 _NOT_MIRRORED = StatementPlan(Action.NONE, "", "", ())
 _FUNCTION_CALL = StatementPlan(Action.UNSAFE, "(FunctionCall message)", "", (), reason="a fast-path FunctionCall")

@@ -12,6 +12,7 @@ adds its tables to that list instead of queueing. The client path never waits fo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -62,6 +63,7 @@ class MirrorManager:
         self._plans = PlanCache(functions_write=False)
         self._rewritten: OrderedDict[bytes, bytes] = OrderedDict()
         self._watch: asyncio.Task[None] | None = None
+        self._waiting: set[asyncio.Task[None]] = set()  # sync-mode commits waiting for their mirrors
         self._closing = False
 
     # --- what captures ask ----------------------------------------------------------------------
@@ -140,7 +142,8 @@ class MirrorManager:
             return None
         result: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(self._await_sync(txn, waits, policy.sync_timeout, result))
-        task.add_done_callback(lambda _t: None)
+        self._waiting.add(task)  # (a reference: the loop keeps only weak ones)
+        task.add_done_callback(self._waiting.discard)
         return result
 
     async def _await_sync(
@@ -213,7 +216,7 @@ class MirrorManager:
         self.streams[key] = stream
         task = asyncio.get_running_loop().create_task(stream.run(), name=f"mirror-{mirror}-{database}")
         self._tasks[key] = task
-        task.add_done_callback(lambda t, k=key: self._stream_ended(k, t))  # type: ignore[misc]
+        task.add_done_callback(functools.partial(self._stream_ended, key))
         return stream
 
     def _stream_ended(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
@@ -314,6 +317,25 @@ class MirrorManager:
         await self.journal.close()
 
     # --- status ----------------------------------------------------------------------------------
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One line per mirror for `pgshift status` (the details: ``status``)."""
+        out = []
+        for mirror in self.status()["mirrors"]:
+            databases = mirror["databases"]
+            states = {d["state"] for d in databases}
+            state = next((s for s in ("detached", "down", "connecting", "running") if s in states), "idle")
+            out.append(
+                {
+                    "name": mirror["name"],
+                    "state": state,
+                    "queued": sum(d["queued"] for d in databases),
+                    "lag_seconds": max((d["lag_seconds"] for d in databases), default=0.0),
+                    "diverged": mirror["diverged"] + mirror["failed"],
+                    "out_of_sync_tables": len(mirror["out_of_sync"]),
+                }
+            )
+        return out
 
     def status(self) -> dict[str, Any]:
         mirrors = []

@@ -111,12 +111,12 @@ class SessionSettings:
         self._local: dict[str, str | None] = {}
 
     def reported(self, name: str, value: str) -> None:
-        """The primary reported a new value (ParameterStatus): it is the session's value now."""
+        """The primary reported a new value (ParameterStatus): it is the session's value now —
+        Postgres reports every change, including the revert when a transaction rolls back."""
         if name in REPORTED and name not in _SKIP:
-            if self._tx or self._local:
-                self._tx[name] = value
-            else:
-                self._committed[name] = value
+            self._committed[name] = value
+            self._tx.pop(name, None)
+            self._local.pop(name, None)
 
     def apply(self, change: Change, in_transaction: bool) -> None:
         if change is RESET_ALL:

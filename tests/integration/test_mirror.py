@@ -477,3 +477,53 @@ def test_queue_limit_detaches_instead_of_growing(fresh: TwoClusters) -> None:
         assert [t["table"] for t in status["mirrors"][0]["out_of_sync"]] == ["audit"]
     finally:
         proxy.stop()
+
+
+def test_cli_mirror_status_and_resume(fresh: TwoClusters, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    def pgshift(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PGSHIFT_ADMIN_TOKEN": TOKEN, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        argv = [sys.executable, "-m", "proxy", *args, "--admin", proxy.admin_url]
+        return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+
+    proxy = mirror_proxy(fresh, {"down_after": 0.3})
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            conn.execute("insert into tags values (1, 'a')")
+            wait_applied(proxy)
+            clean = pgshift("mirror", "status", "--check")
+            assert clean.returncode == 0, clean.stderr
+            assert "mirror new: diverged 0, failed 0" in clean.stdout and "NEEDS REPAIR" not in clean.stdout
+            fresh.new.stop()
+            try:
+                deadline = time.monotonic() + 10
+                while proxy.running.server.mirror.status()["mirrors"][0]["databases"][0]["state"] != "detached":
+                    conn.execute("insert into audit (note) values ('while down')")
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            finally:
+                fresh.new.start()
+        troubled = pgshift("mirror", "status", "--check")
+        assert troubled.returncode == 1
+        assert "NEEDS REPAIR (1 tables):" in troubled.stdout and "audit" in troubled.stdout
+        assert "detached: unreachable" in troubled.stdout
+        state = pgshift("status")
+        assert "new: detached" in state.stdout and "1 table(s) NEED REPAIR" in state.stdout
+        as_json = json.loads(pgshift("mirror", "status", "--json").stdout)
+        assert as_json["mirrors"][0]["out_of_sync"][0]["table"] == "audit"
+        unknown = pgshift("mirror", "resume", "nope")
+        assert unknown.returncode == 4 and 'no backend named "nope"' in unknown.stderr
+        resumed = pgshift("mirror", "resume", "new", "--repaired")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "capture resumed for database(s) postgres" in resumed.stdout and "cleared: audit" in resumed.stdout
+        after = pgshift("mirror", "status", "--check")
+        assert after.returncode == 0, after.stdout
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:  # captured again
+            conn.execute("insert into tags values (2, 'b')")
+        wait_applied(proxy)
+        assert rows(fresh.new, "tags") == [(1, "a"), (2, "b")]
+    finally:
+        proxy.stop()

@@ -246,7 +246,7 @@ def test_settings_follow_the_session() -> None:
     capture.feed(complete("COMMIT") + ready())
     settings = dict(manager.commits[0][0])
     assert settings == {"DateStyle": "iso, dmy", "TimeZone": "UTC", "search_path": "x"}
-    assert changes('SET search_path TO a, "B c"') == (changes("set search_path = a, \"B c\"")[0],)
+    assert changes('SET search_path TO a, "B c"') == (changes('set search_path = a, "B c"')[0],)
     assert changes('SET search_path TO a, "B c"')[0].value == 'a, "B c"'
 
 
