@@ -128,6 +128,7 @@ class Capture:
         known: Callable[[str], bytes | None],
     ) -> None:
         self.manager = manager
+        self.primary = ""  # the backend this session's writes run on (the session keeps it current)
         self.session = session
         self.database = database
         self.user = user
@@ -401,9 +402,13 @@ class Capture:
         return b"".join(out)
 
     def _image_rows(self) -> bool:
+        """Whether a DataRow of the head entry must be seen whole (to take its image column out,
+        or to hold it back past a lifted row limit)."""
         head = self._fifo[0] if self._fifo else None
         if head is None or head.runs is None:
             return False
+        if head.limit:
+            return True
         runs = head.runs
         run = runs[head.index] if head.kind == _QUERY and head.index < len(runs) else runs[0]
         return run.rewritten

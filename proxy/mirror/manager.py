@@ -84,6 +84,15 @@ class MirrorManager:
     def active(self) -> bool:
         return bool(self.live.table.mirrors)
 
+    def targets(self, writer: str) -> tuple[str, ...]:
+        """Where a transaction committed on backend ``writer`` goes: every mirror, and the primary
+        too when the writer is not it (a session pinned to the previous primary after a flip
+        writes there; the new primary must get those writes, the writer must not get them twice)."""
+        table = self.live.table
+        if writer == table.primary:
+            return table.mirrors
+        return tuple(name for name in (table.primary, *table.mirrors) if name != writer)
+
     def rewritten_parse(self, raw: bytes, sql: str) -> bytes:
         """The Parse frame with the row-image column added: built once per distinct frame."""
         cached = self._rewritten.get(raw)
@@ -117,7 +126,7 @@ class MirrorManager:
     ) -> asyncio.Future[str | None] | None:
         """A transaction the primary just committed: queue it on every mirror. Returns what the
         client's answer must wait for in sync mode (its result: a warning to show, or None)."""
-        mirrors = self.live.table.mirrors
+        mirrors = self.targets(capture.primary)
         if not mirrors or self._closing:
             return None
         self._seq += 1
@@ -141,7 +150,9 @@ class MirrorManager:
         if policy.mode != "sync":
             return None
         result: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        task = asyncio.get_running_loop().create_task(self._await_sync(txn, waits, policy.sync_timeout, result))
+        task = asyncio.get_running_loop().create_task(
+            self._await_sync(txn, waits, mirrors, policy.sync_timeout, result)
+        )
         self._waiting.add(task)  # (a reference: the loop keeps only weak ones)
         task.add_done_callback(self._waiting.discard)
         return result
@@ -150,9 +161,25 @@ class MirrorManager:
         self,
         txn: Txn,
         waits: list[tuple[str, asyncio.Future[Outcome]]],
+        mirrors: tuple[str, ...],
         limit: float,
         result: asyncio.Future[str | None],
     ) -> None:
+        """Resolve ``result`` once every mirror applied ``txn`` or ``limit`` passed — always: a
+        client's COMMIT answer waits on it."""
+        message = None
+        try:
+            message = await self._sync_outcome(txn, waits, mirrors, limit)
+        except Exception:  # a bug here must not leave a client waiting forever
+            log.exception("sync mirror wait failed; answering the client")
+            message = "pgshift: committed on the primary; the mirror wait failed (see the proxy log)"
+        finally:
+            if not result.done():
+                result.set_result(message)
+
+    async def _sync_outcome(
+        self, txn: Txn, waits: list[tuple[str, asyncio.Future[Outcome]]], mirrors: tuple[str, ...], limit: float
+    ) -> str | None:
         problems: list[str] = []
         if waits:
             _, pending = await asyncio.wait([f for _, f in waits], timeout=limit)
@@ -168,14 +195,12 @@ class MirrorManager:
                     )  # fmt: skip
                 elif not future.cancelled() and not future.result().applied:
                     problems.append(f'mirror "{mirror}" did not apply it (see pgshift mirror status)')
-        for mirror in self.live.table.mirrors:
+        for mirror in mirrors:
             if (mirror, txn.database) in self.detached:
                 problems.append(f'mirror "{mirror}" is detached (see pgshift mirror status)')
-        message = None
         if problems and self.config.on_timeout == "warn":
-            message = "pgshift: committed on the primary; " + "; ".join(problems)
-        if not result.done():
-            result.set_result(message)
+            return "pgshift: committed on the primary; " + "; ".join(problems)
+        return None
 
     def note(self, capture: Capture, kind: str, plan: StatementPlan, reason: str) -> None:
         """A statement of a committed transaction that the mirrors do not get (DDL kept on the
@@ -189,7 +214,7 @@ class MirrorManager:
             )  # fmt: skip
 
     def unmirrored(self, capture: Capture, tables: tuple[str, ...], reason: str) -> None:
-        for mirror in self.live.table.mirrors:
+        for mirror in self.targets(capture.primary):
             self.journal.record(Divergence(mirror, capture.database, reason, tables, kind="unmirrored"))
 
     # --- streams -------------------------------------------------------------------------------

@@ -415,6 +415,7 @@ class RoutedSession(Session):
             capture = self._capture = self._start_capture(target)
         if self._captured_on is not target:
             self._captured_on = target  # (a flip moved the session: its FIFO is empty by now)
+            capture.primary = target.name
         try:
             edited = capture.request(frames)
         except Rejected as exc:

@@ -527,3 +527,31 @@ def test_cli_mirror_status_and_resume(fresh: TwoClusters, tmp_path: Path) -> Non
         assert rows(fresh.new, "tags") == [(1, "a"), (2, "b")]
     finally:
         proxy.stop()
+
+
+def test_after_a_flip_writes_flow_back_and_pinned_sessions_reach_the_new_primary(fresh: TwoClusters) -> None:
+    """A flip swaps roles: the old primary becomes the mirror (reverse dual write). A session pinned
+    to the old primary keeps writing there; its writes go to the new primary, never twice to old."""
+    proxy = mirror_proxy(fresh)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with (
+            psycopg.connect(proxy.dsn(), autocommit=True) as pinned,
+            psycopg.connect(proxy.dsn(), autocommit=True) as free,
+            httpx.Client(base_url=proxy.admin_url, headers=headers) as admin,
+        ):
+            pinned.execute("create temp table scratch (x int)")  # stays on old
+            free.execute("insert into tags values (1, 'before')")
+            wait_applied(proxy)
+            assert admin.post("/api/flip", json={"primary": "new"}).status_code == 200
+            free.execute("insert into tags values (2, 'after, on new')")
+            pinned.execute("insert into tags values (3, 'pinned, on old')")
+            assert free.execute("select current_setting('port')").fetchone() == (str(fresh.new.port),)
+            assert pinned.execute("select current_setting('port')").fetchone() == (str(fresh.old.port),)
+        status = wait_applied(proxy)
+        expected = [(1, "before"), (2, "after, on new"), (3, "pinned, on old")]
+        assert rows(fresh.old, "tags") == expected == rows(fresh.new, "tags")
+        names = {m["name"]: m for m in status["mirrors"]}
+        assert names["old"]["diverged"] == names["new"]["diverged"] == 0
+    finally:
+        proxy.stop()

@@ -106,6 +106,7 @@ def make(manager: FakeManager | None = None, **startup: str) -> tuple[Capture, F
         write=written.append,
         known=lambda name: None,
     )
+    capture.primary = "old"
     return capture, manager, written
 
 
