@@ -183,9 +183,9 @@ def mirror_lines(status: dict[str, Any]) -> list[str]:
         out.append("")
         configured = "" if mirror.get("configured") else "  (no longer in routing.mirrors)"
         out.append(
-            f"mirror {clean(mirror['name'])}{configured}: diverged {mirror['diverged']}, failed {mirror['failed']}, "
-            f"unmirrored {mirror['unmirrored']} (+{mirror['unmirrored_txns']} transactions while detached), "
-            f"sync timeouts {mirror['sync_timeouts']}"
+            f"mirror {clean(mirror['name'])}{configured} — journal: diverged {mirror['diverged']}, failed "
+            f"{mirror['failed']}, unmirrored {mirror['unmirrored']}; transactions not sent (detached): "
+            f"{mirror['unmirrored_txns']}; sync timeouts: {mirror['sync_timeouts']}"
         )
         rows = [
             [

@@ -496,7 +496,7 @@ def test_cli_mirror_status_and_resume(fresh: TwoClusters, tmp_path: Path) -> Non
             wait_applied(proxy)
             clean = pgshift("mirror", "status", "--check")
             assert clean.returncode == 0, clean.stderr
-            assert "mirror new: diverged 0, failed 0" in clean.stdout and "NEEDS REPAIR" not in clean.stdout
+            assert "mirror new — journal: diverged 0, failed 0" in clean.stdout and "NEEDS REPAIR" not in clean.stdout
             fresh.new.stop()
             try:
                 deadline = time.monotonic() + 10

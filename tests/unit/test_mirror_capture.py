@@ -260,3 +260,47 @@ def test_message_edits_reject_malformed_input() -> None:
         wireedit.bind_for_replay(msg(b"B", b"\x00\x00\x00"))
     trimmed, value = wireedit.split_last_column(data_row(b"a", None, b"{}"))
     assert trimmed == data_row(b"a", None) and value == b"{}"
+
+
+def test_rules_pick_mode_and_policy_by_user_application_and_table() -> None:
+    from proxy.config import parse_config
+    from proxy.mirror.journal import Journal
+    from proxy.mirror.manager import MirrorManager
+    from proxy.routing import Live
+
+    config = parse_config(
+        {
+            "backends": {"old": {"dsn": "postgresql://h/db"}, "new": {"dsn": "postgresql://u@h2/db"}},
+            "routing": {"primary": "old", "mirrors": ["new"]},
+            "mirror": {
+                "unsafe": "reject",
+                "rules": [
+                    {"application_names": ["billing"], "mode": "sync", "sync_timeout": 2},
+                    {"tables": ["payments"], "mode": "sync"},
+                    {"users": ["etl"], "unsafe": "replay"},
+                ],
+            },
+        }
+    )
+    manager = MirrorManager(Live(config), Journal(None))
+    assert manager.policy("app", "web") == Policy("async", 5.0, "reject")
+    assert manager.policy("app", "billing") == Policy("sync", 2.0, "reject")
+    assert manager.policy("app", "web", ("public.payments",)) == Policy("sync", 5.0, "reject")
+    assert manager.policy("etl", "web") == Policy("async", 5.0, "replay")
+    assert manager.targets("old") == ("new",)
+    assert manager.targets("new") == ("old",)  # (a session pinned to "new" after a flip back)
+
+
+def test_mirror_config_errors_name_the_setting() -> None:
+    from proxy.config import parse_config
+    from proxy.errors import ConfigError
+
+    base = {"backends": {"old": {"dsn": "postgresql://h/db"}, "new": {"dsn": "postgresql://h2/db"}}}
+    with pytest.raises(ConfigError, match="backends.new is a mirror but has no account to apply writes with"):
+        parse_config({**base, "routing": {"primary": "old", "mirrors": ["new"]}})
+    with pytest.raises(ConfigError, match="mirror.mode"):
+        parse_config({**base, "routing": {"primary": "old"}, "mirror": {"mode": "eventually"}})
+    with pytest.raises(ConfigError, match="a mirror rule needs at least one of"):
+        parse_config({**base, "routing": {"primary": "old"}, "mirror": {"rules": [{"mode": "sync"}]}})
+    with pytest.raises(ConfigError, match="mirror.queue_bytes"):
+        parse_config({**base, "routing": {"primary": "old"}, "mirror": {"queue_bytes": 10}})
