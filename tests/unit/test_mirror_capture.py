@@ -296,11 +296,11 @@ def test_mirror_config_errors_name_the_setting() -> None:
     from proxy.errors import ConfigError
 
     base = {"backends": {"old": {"dsn": "postgresql://h/db"}, "new": {"dsn": "postgresql://h2/db"}}}
-    with pytest.raises(ConfigError, match="backends.new is a mirror but has no account to apply writes with"):
+    with pytest.raises(ConfigError, match=r"backends\.new is a mirror but has no account to apply writes with"):
         parse_config({**base, "routing": {"primary": "old", "mirrors": ["new"]}})
-    with pytest.raises(ConfigError, match="mirror.mode"):
+    with pytest.raises(ConfigError, match=r"mirror\.mode"):
         parse_config({**base, "routing": {"primary": "old"}, "mirror": {"mode": "eventually"}})
     with pytest.raises(ConfigError, match="a mirror rule needs at least one of"):
         parse_config({**base, "routing": {"primary": "old"}, "mirror": {"rules": [{"mode": "sync"}]}})
-    with pytest.raises(ConfigError, match="mirror.queue_bytes"):
+    with pytest.raises(ConfigError, match=r"mirror\.queue_bytes"):
         parse_config({**base, "routing": {"primary": "old"}, "mirror": {"queue_bytes": 10}})
