@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proxy.backends.connection import BackendConnection
 from proxy.config import parse_config
+from proxy.mirror.journal import Journal
+from proxy.mirror.manager import MirrorManager
 from proxy.observability import RequestStats
 from proxy.routing import Live, RoutingStats
 from proxy.session.catalog import FunctionCatalog
@@ -99,7 +101,10 @@ def reply(mode: str) -> bytes:
 def _config(routing: dict[str, Any], live: bool) -> Any:
     return parse_config(
         {
-            "backends": {"main": {"dsn": "postgresql://127.0.0.1:1"}, "second": {"dsn": "postgresql://127.0.0.1:2"}},
+            "backends": {
+                "main": {"dsn": "postgresql://127.0.0.1:1"},
+                "second": {"dsn": "postgresql://127.0.0.1:2", "mirror_user": "apply"},
+            },
             "routing": {"primary": "main", **routing},
             "control": {"live": live},
         }
@@ -107,10 +112,17 @@ def _config(routing: dict[str, Any], live: bool) -> Any:
 
 
 async def measure(kind: str, mode: str, count: int) -> float:
-    """Seconds per request+reply for ``kind`` = plain | routed | split."""
-    config = _config({"reads": {"main": 1, "second": 1}} if kind == "split" else {}, live=kind != "plain")
+    """Seconds per request+reply for ``kind`` = plain | routed | split | mirrored (routed, with dual
+    write on: every request planned and every reply passed through the capture tap)."""
+    routing: dict[str, Any] = {}
+    if kind == "split":
+        routing = {"reads": {"main": 1, "second": 1}}
+    elif kind == "mirrored":
+        routing = {"mirrors": ["second"]}
+    config = _config(routing, live=kind != "plain")
+    live = Live(config)
     ctx = SessionContext(
-        live=Live(config),
+        live=live,
         registry=SessionRegistry(),
         tls=None,
         analysis=AnalysisCache(),
@@ -118,6 +130,7 @@ async def measure(kind: str, mode: str, count: int) -> float:
         requests=RequestStats(),
         rng=random.Random(0),
         catalog=FunctionCatalog(),
+        mirror=MirrorManager(live, Journal(None)),
     )
     client = ClientConnection(1 << 30, lambda _c: None)
     client.transport = CountingTransport()  # type: ignore[assignment]
@@ -171,14 +184,14 @@ def main() -> None:
         print(f"{kind} {mode}: {asyncio.run(measure(kind, mode, args.count)) * 1e6:.2f} µs")
         return
     print(f"python {sys.version.split()[0]}, best of {args.repeat} x {args.count} requests; µs per request + reply")
-    print(f"{'mode':<10}{'plain':>10}{'routed':>10}{'split 50/50':>14}{'routed - plain':>16}")
+    print(f"{'mode':<10}{'plain':>10}{'routed':>10}{'split 50/50':>14}{'mirrored':>10}{'routed - plain':>16}")
     for mode in ("simple", "extended", "prepared"):
         results = {}
-        for kind in ("plain", "routed", "split"):
+        for kind in ("plain", "routed", "split", "mirrored"):
             results[kind] = min(asyncio.run(measure(kind, mode, args.count)) for _ in range(args.repeat)) * 1e6
         print(
             f"{mode:<10}{results['plain']:>10.2f}{results['routed']:>10.2f}{results['split']:>14.2f}"
-            f"{results['routed'] - results['plain']:>16.2f}"
+            f"{results['mirrored']:>10.2f}{results['routed'] - results['plain']:>16.2f}"
         )
 
 

@@ -15,7 +15,7 @@ import json
 import re
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, TypeAlias
 
 import pglast.ast as _pg_ast
@@ -38,6 +38,7 @@ from proxy.sql.analysis import (
     _VOLATILE_PREFIXES,
     TxOp,
 )
+from proxy.sql.cache import literal_free_key
 
 __all__ = [
     "IMAGE_COLUMN",
@@ -664,12 +665,14 @@ class PlanCache:
     __slots__ = (
         "_chars",
         "_entries",
+        "_shapes",
         "capacity",
         "functions_write",
         "hits",
         "max_text_length",
         "max_total_length",
         "misses",
+        "shared",
     )
 
     def __init__(
@@ -688,19 +691,36 @@ class PlanCache:
         self.max_total_length = max_total_length
         self.hits = 0
         self.misses = 0
+        self.shared = 0  # plans derived from a shape (a text differing only in literals)
         self._chars = 0
         self._entries: OrderedDict[str, tuple[StatementPlan, ...]] = OrderedDict()
+        self._shapes: OrderedDict[str, StatementPlan] = OrderedDict()
 
     def get(self, sql: str) -> tuple[StatementPlan, ...]:
-        """The plans of ``sql``; the same tuple for the same text while it stays cached."""
+        """The plans of ``sql``; the same tuple for the same text while it stays cached.
+
+        Simple-protocol clients inline their values, so most texts are seen once (pgbench -M
+        simple: every one). A single statement that differs from a planned one only in its
+        literals has the same plan but for its text: it is derived from that plan (its "shape",
+        keyed like the analysis cache) instead of running pglast again."""
         entries = self._entries
         found = entries.get(sql)
         if found is not None:
             entries.move_to_end(sql)
             self.hits += 1
             return found
+        key = _shape_key(sql)
+        if key is not None:
+            shape = self._shapes.get(key)
+            if shape is not None:
+                self.shared += 1
+                return (_with_text(shape, _statement_text(sql)),)
         self.misses += 1
         result = plan_sql(sql, functions_write=self.functions_write)
+        if key is not None and len(result) == 1 and _shareable(result[0], sql):
+            self._shapes[key] = result[0]
+            if len(self._shapes) > self.capacity:
+                self._shapes.popitem(last=False)
         size = len(sql)
         if size <= self.max_text_length and size <= self.max_total_length:
             entries[sql] = result
@@ -719,7 +739,45 @@ class PlanCache:
     def clear(self) -> None:
         """Forget every entry (counters are kept: they are lifetime metrics)."""
         self._entries.clear()
+        self._shapes.clear()
         self._chars = 0
+
+
+# (_TIME_WORDS: string literals whose value is computed when the statement runs, 'now'::timestamp.
+# A plan made for one literal value must not serve another: texts that may hold one are not shared.)
+
+
+def _shape_key(sql: str) -> str | None:
+    if ";" in sql.rstrip().rstrip(";"):
+        return None  # (several statements, maybe: their texts are sliced by position; planned whole)
+    key = literal_free_key(sql, single=True)
+    if key is None:
+        return None
+    if "'" in sql:
+        lowered = sql.lower()
+        if any(word in lowered for word in _TIME_WORDS):
+            return None
+    return key
+
+
+def _statement_text(sql: str) -> str:
+    """A single statement's own text as plan_sql slices it (no surrounding space, no ';')."""
+    return sql.strip().rstrip(";").rstrip()
+
+
+def _shareable(plan: StatementPlan, sql: str) -> bool:
+    """Whether ``plan`` depends on ``sql`` only through its text fields (``sql``, ``rewritten``)."""
+    text = _statement_text(sql)
+    if plan.sql != text or (plan.rewritten is not None and not plan.rewritten.startswith(text)):
+        return False
+    # Literal values must not leak into the other fields (an ON CONFLICT … WHERE b = 5).
+    fields = (plan.conflict or "", plan.reason, *plan.tables, *(plan.copy_columns or ()))
+    return not any("'" in f or any(c.isdigit() for c in f) for f in fields)
+
+
+def _with_text(shape: StatementPlan, text: str) -> StatementPlan:
+    rewritten = None if shape.rewritten is None else text + shape.rewritten[len(shape.sql) :]
+    return replace(shape, sql=text, rewritten=rewritten)
 
 
 # --- Parse frames ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ __all__ = ["AnalysisCache"]
 # Literals the key replaces: single-quoted strings (with '' escapes) and unsigned numbers.
 _LITERALS = re.compile(r"'(?:[^']|'')*'|(?<![\w.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")
 _DO = re.compile(r"\bdo\b")
+_DO_START = re.compile(r"\s*do\b")
 # Texts whose analysis may depend on a literal's value, or whose literals the regex cannot see
 # safely, keep their exact text as key: dollar quotes and $n parameters, quoted identifiers,
 # backslash escapes, comments (hints live there), set_config (its is_local argument), EXPLAIN options, DO
@@ -35,8 +36,11 @@ def _prefixed_string(sql: str) -> bool:
     return False
 
 
-def literal_free_key(sql: str) -> str | None:
-    """A cache key equal for texts that differ only in literal values, or None when unsure."""
+def literal_free_key(sql: str, *, single: bool = False) -> str | None:
+    """A cache key equal for texts that differ only in literal values, or None when unsure.
+
+    ``single``: the caller knows ``sql`` is one statement, so only a text that starts with DO is
+    a DO block (``ON CONFLICT … DO UPDATE`` / ``DO NOTHING`` then keep a key)."""
     for mark in _UNSAFE_MARKS:
         if mark in sql:
             return None
@@ -44,7 +48,9 @@ def literal_free_key(sql: str) -> str | None:
         return None
     lowered = sql.lower()
     # set_config(…, is_local), EXPLAIN (ANALYZE 0|1) and DO '…body…' are judged by their literals.
-    if "config" in lowered or "explain" in lowered or ("do" in lowered and _DO.search(lowered)):
+    if "config" in lowered or "explain" in lowered:
+        return None
+    if "do" in lowered and (_DO_START.match(lowered) if single else _DO.search(lowered)):
         return None
     key = _LITERALS.sub("?", sql)
     return "\x00" + key if key != sql else None  # NUL: never collides with a real SQL text

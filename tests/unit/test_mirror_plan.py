@@ -612,34 +612,70 @@ def test_plan_cache_hits_and_misses() -> None:
     first = cache.get("UPDATE t SET a = 1 WHERE id = 1")
     assert cache.get("UPDATE t SET a = 1 WHERE id = 1") is first
     assert (cache.hits, cache.misses, len(cache)) == (1, 1, 1)
-    assert cache.get("UPDATE t SET a = 1 WHERE id = 2") is not first  # exact text keys: no literal folding
+    assert cache.get("UPDATE t SET b = 1 WHERE id = 2") is not first
     assert (cache.hits, cache.misses, len(cache)) == (1, 2, 2)
     assert cache.get("") == ()
 
 
+@pytest.mark.parametrize(
+    ("seen", "other"),
+    [
+        ("UPDATE t SET a = 1 WHERE id = 1", "UPDATE t SET a = 22 WHERE id = 333"),
+        ("INSERT INTO t (a, b) VALUES (1, 'x')", "INSERT INTO t (a, b) VALUES (2, 'it''s')"),
+        ("insert into t values (1) returning id ;", "insert into t values (12345) returning id ;"),
+        ("  DELETE FROM t WHERE id = 5;  ", "  DELETE FROM t WHERE id = 6;  "),
+        ("INSERT INTO t AS x (a) VALUES (1) ON CONFLICT (a) DO NOTHING", "INSERT INTO t AS x (a) VALUES (7) "
+         "ON CONFLICT (a) DO NOTHING"),
+        ("SELECT 1", "SELECT 2"),
+    ],
+)  # fmt: skip
+def test_texts_differing_only_in_literals_share_a_plan_shape(seen: str, other: str) -> None:
+    """pgbench -M simple: every text is new. The second text's plan is derived, not parsed, and is
+    exactly what planning it would give."""
+    cache = PlanCache()
+    cache.get(seen)
+    assert cache.get(other) == plan_sql(other)
+    assert (cache.misses, cache.shared) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("seen", "other"),
+    [
+        ("UPDATE t SET at = '2020-01-01' WHERE id = 1", "UPDATE t SET at = 'now' WHERE id = 1"),  # a time literal
+        ("UPDATE t SET a = 1; UPDATE t SET b = 2", "UPDATE t SET a = 3; UPDATE t SET b = 4"),  # several statements
+        ("UPDATE t SET a = 1 -- c", "UPDATE t SET a = 2 -- c"),  # comments: no literal-free key
+    ],
+)
+def test_texts_that_must_be_planned_themselves(seen: str, other: str) -> None:
+    cache = PlanCache()
+    cache.get(seen)
+    assert cache.get(other) == plan_sql(other)
+    assert cache.shared == 0
+
+
 def test_plan_cache_evicts_least_recently_used() -> None:
     cache = PlanCache(2)
-    cache.get("SELECT 1")
-    cache.get("SELECT 2")
-    cache.get("SELECT 1")  # now the most recent
-    cache.get("SELECT 3")
-    assert "SELECT 1" in cache and "SELECT 3" in cache and "SELECT 2" not in cache
+    cache.get("SELECT a")
+    cache.get("SELECT b")
+    cache.get("SELECT a")  # now the most recent
+    cache.get("SELECT c")
+    assert "SELECT a" in cache and "SELECT c" in cache and "SELECT b" not in cache
     assert len(cache) == 2
 
 
 def test_plan_cache_length_bounds() -> None:
     cache = PlanCache(100, max_text_length=20, max_total_length=30)
-    long_text = "SELECT " + "1" * 30
+    long_text = "SELECT " + "a" * 30
     assert cache.get(long_text)[0].action is Action.NONE
     assert long_text not in cache and len(cache) == 0  # planned, never stored
-    cache.get("SELECT 11111111")  # 15 characters
-    cache.get("SELECT 22222222")
+    cache.get("SELECT aaaaaaaa")  # 15 characters
+    cache.get("SELECT bbbbbbbb")
     assert len(cache) == 2
-    cache.get("SELECT 33333333")  # 45 > 30: the oldest goes
-    assert "SELECT 11111111" not in cache and len(cache) == 2
+    cache.get("SELECT cccccccc")  # 45 > 30: the oldest goes
+    assert "SELECT aaaaaaaa" not in cache and len(cache) == 2
     cache.clear()
     assert len(cache) == 0
-    cache.get("SELECT 11111111")
+    cache.get("SELECT aaaaaaaa")
     assert len(cache) == 1
     assert cache.misses == 5
 
