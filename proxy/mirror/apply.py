@@ -187,6 +187,12 @@ class ApplyStream(BackendSink):
         self._pending: deque[_TxnBlock] = deque()  # submitted, not sent
         self._in_flight: deque[_Block] = deque()  # sent (or settled unsent), awaiting their turn
         self._catalog: dict[_TableKey, TableMeta] = {}
+        # Statements prepared on the mirror connection, by their Parse body (text + parameter
+        # types): the mirror parses and plans each statement once, not once per transaction.
+        self._named: dict[bytes, bytes] = {}
+        self._fresh: dict[int, list[bytes]] = {}  # txn seq -> Parse bodies first sent in its block
+        self._stale: list[bytes] = []  # names to close first (their Parse may have failed)
+        self._serial = 0
         self._conn: BackendConnection | None = None
         self._inbox = bytearray()
         self._lost: str | None = None  # why the current connection ended
@@ -314,6 +320,9 @@ class ApplyStream(BackendSink):
         self._write_paused = False
         # The mirror may have been changed while we were away; learn its tables afresh.
         self._catalog.clear()
+        self._named.clear()  # (a new connection has no prepared statements)
+        self._fresh.clear()
+        self._stale.clear()
         if self.state is not StreamState.RUNNING:
             if self.state is StreamState.DOWN:
                 log.info('mirror "%s" (%s): connected again', self.mirror, self.address.label())
@@ -460,17 +469,37 @@ class ApplyStream(BackendSink):
                 self._catalog[lookup.key] = result
         return found
 
+    def _prepared(self, parse: bytes, bind: bytes, fresh: list[bytes]) -> bytes:
+        """Parse (the first time on this connection) of a named statement, Bind of it, Execute:
+        ``parse`` and ``bind`` name the unnamed statement and portal, as the capture made them."""
+        stop = parse.index(b"\0", 5)
+        body = parse[stop + 1 :]  # text and parameter types: what makes two Parses the same
+        name = self._named.get(body)
+        out = b""
+        if name is None:
+            name = b"pgshift_%d" % (len(self._named) + len(self._stale) + self._serial)
+            self._serial += 1
+            self._named[body] = name
+            fresh.append(body)
+            out = frame(FrontendCode.PARSE, name + b"\0" + body)
+        # The Bind names the unnamed portal (one byte) and statement (one byte): name the statement.
+        return out + frame(FrontendCode.BIND, b"\0" + name + b"\0" + bind[7:]) + EXECUTE_ALL
+
     def _build(self, block: _TxnBlock, catalog: dict[_TableKey, TableMeta | str]) -> bytes | None:
         """The txn's block (None when a write cannot be built: then nothing of it is sent, so a
         txn is applied whole or not at all, and its divergences say why)."""
         txn = block.txn
         parts: list[bytes] = []
+        if self._stale:
+            parts.extend(frame(FrontendCode.CLOSE, b"S" + name + b"\0") for name in self._stale)
+            self._stale.clear()
+        fresh: list[bytes] = []
         steps: list[Write | None] = []
         failures: list[Divergence] = []
         if txn.settings:
             placeholders = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(txn.settings)))
             params = [part.encode() for setting in txn.settings for part in setting]
-            parts.append(statement(f"SELECT {placeholders}", params))
+            parts.append(self._prepared(parse_unnamed(f"SELECT {placeholders}"), bind_unnamed(params), fresh))
             steps.append(None)
         search_path = _search_path(txn)
         ddl = False
@@ -479,7 +508,7 @@ class ApplyStream(BackendSink):
             if write.kind is WriteKind.QUERY:
                 parts.append(statement(write.sql))
             elif write.kind is WriteKind.EXTENDED:
-                parts += (write.parse, write.bind, EXECUTE_ALL)
+                parts.append(self._prepared(write.parse, write.bind, fresh))
             elif write.kind is WriteKind.COPY:
                 # In copy-in mode the server takes CopyData until CopyDone, then goes on with the
                 # next message; after an error it discards everything up to the Sync.
@@ -507,14 +536,23 @@ class ApplyStream(BackendSink):
                 except ImageError as exc:
                     failures.append(self._divergence(txn, write, "failed", str(exc)))
                     continue
-                parts.append(statement(sql, [b"[" + b",".join(image.rows) + b"]"]))
+                rows = b"[" + b",".join(image.rows) + b"]"
+                parts.append(self._prepared(parse_unnamed(sql), bind_unnamed([rows]), fresh))
             steps.append(write)
         if failures:
             block.divergences.extend(failures)
+            for body in fresh:  # never sent: not prepared
+                self._named.pop(body, None)
             return None
         if ddl:
             # Lookups from now on queue behind this block, so they see the mirror after the DDL.
             self._catalog.clear()
+            # And statements prepared before it are closed: a cached plan whose result columns the
+            # DDL changed fails rather than re-plans ("cached plan must not change result type").
+            self._stale.extend(self._named.values())
+            self._named.clear()
+        if fresh:
+            self._fresh[txn.seq] = fresh
         parts.append(SYNC)
         block.steps = steps
         return b"".join(parts)
@@ -634,6 +672,14 @@ class ApplyStream(BackendSink):
     # --- settling ------------------------------------------------------------------------
 
     def _settle_txn(self, block: _TxnBlock, status: int) -> None:
+        fresh = self._fresh.pop(block.txn.seq, None)
+        if fresh and (block.errored or status != _IDLE):
+            # A Parse of this block may have failed: prepare those statements again next time
+            # (closing first: Close of a statement that does not exist is not an error).
+            for body in fresh:
+                name = self._named.pop(body, None)
+                if name is not None:
+                    self._stale.append(name)
         divergences = block.divergences
         if status != _IDLE:
             # A write opened a transaction block (BEGIN) and left it open: nothing is committed,

@@ -136,6 +136,8 @@ class Capture:
         self.settings = settings
         self._write = write  # to the client (held bytes are released through it)
         self._known = known  # a named statement's Parse frame, prepared before capture began
+        self._policy: Policy | None = None
+        self._policy_for: object = None
         self._fifo: deque[_Entry] = deque()
         self._prepared: dict[str, _Prepared] = {}
         self._portals: dict[str, _Run] = {}
@@ -168,7 +170,11 @@ class Capture:
     def request(self, frames: list[RawFrame]) -> list[RawFrame] | None:
         """Plan the request's statements and push their FIFO entries; the frames to send instead,
         or None if they go as they are. Raises Rejected (nothing pushed) when a policy refuses one."""
-        policy = self.manager.policy(self.user, self.application_name)
+        config = self.manager.config
+        policy = self._policy
+        if policy is None or self._policy_for is not config:  # (once per session and config)
+            policy = self._policy = self.manager.policy(self.user, self.application_name)
+            self._policy_for = config
         changed = False
         out: list[RawFrame] = []
         entries: list[_Entry] = []

@@ -102,9 +102,10 @@ class SessionSettings:
     """Committed settings, and those changed inside the open transaction (kept apart until it
     ends: a rolled-back SET never happened; a SET LOCAL ends with its transaction)."""
 
-    __slots__ = ("_committed", "_local", "_startup", "_tx")
+    __slots__ = ("_committed", "_effective", "_local", "_startup", "_tx")
 
     def __init__(self, startup: dict[str, str]) -> None:
+        self._effective: tuple[tuple[str, str], ...] | None = None  # computed once per change
         self._startup = dict(startup)
         self._committed = dict(startup)
         self._tx: dict[str, str | None] = {}
@@ -114,11 +115,13 @@ class SessionSettings:
         """The primary reported a new value (ParameterStatus): it is the session's value now —
         Postgres reports every change, including the revert when a transaction rolls back."""
         if name in REPORTED and name not in _SKIP:
+            self._effective = None
             self._committed[name] = value
             self._tx.pop(name, None)
             self._local.pop(name, None)
 
     def apply(self, change: Change, in_transaction: bool) -> None:
+        self._effective = None
         if change is RESET_ALL:
             if in_transaction:
                 self._tx = {k: self._startup.get(k) for k in {*self._committed, *self._tx}}
@@ -137,6 +140,9 @@ class SessionSettings:
             self._committed[change.name] = value
 
     def end_transaction(self, committed: bool) -> None:
+        if not self._tx and not self._local:
+            return  # (every transaction ends here: keep the computed settings when nothing changed)
+        self._effective = None
         if committed:
             for name, value in self._tx.items():
                 if value is None:
@@ -147,5 +153,7 @@ class SessionSettings:
         self._local.clear()
 
     def effective(self) -> tuple[tuple[str, str], ...]:
-        merged: dict[str, str | None] = {**self._committed, **self._tx, **self._local}
-        return tuple(sorted((k, v) for k, v in merged.items() if v is not None))
+        if self._effective is None:
+            merged: dict[str, str | None] = {**self._committed, **self._tx, **self._local}
+            self._effective = tuple(sorted((k, v) for k, v in merged.items() if v is not None))
+        return self._effective
