@@ -355,6 +355,8 @@ class RoutedSession(Session):
         if name == self.primary and (self._capture is not None or self.ctx.mirror.active()):
             captured = self._capture_request(target, frames)
             if captured is not frames:
+                if not captured:
+                    return  # the session is ending (a malformed message)
                 frames = captured
                 whole = None
                 if self._refused:  # what runs now is the replacement: nothing of the original
@@ -420,6 +422,10 @@ class RoutedSession(Session):
             edited = capture.request(frames)
         except Rejected as exc:
             return self._reject(target, frames, exc)
+        except ProtocolViolation as exc:  # a malformed Bind/Execute: as Postgres would, end the session
+            self.client.send_error(exc)
+            self._finish()
+            return []
         if edited is None:
             return frames
         self._rewritten.clear()

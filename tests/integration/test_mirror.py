@@ -555,3 +555,31 @@ def test_after_a_flip_writes_flow_back_and_pinned_sessions_reach_the_new_primary
         assert names["old"]["diverged"] == names["new"]["diverged"] == 0
     finally:
         proxy.stop()
+
+
+def test_malformed_bind_ends_only_that_session(fresh: TwoClusters) -> None:
+    """A Bind whose parameters do not add up, for a write capture must copy: a protocol error
+    for that client (as from Postgres), nothing mirrored, other sessions unaffected."""
+    import struct
+
+    from proxy.wire.messages import Parse
+    from tests.integration.test_cancel_faults import Raw, _errors
+
+    proxy = mirror_proxy(fresh)
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+            with Raw(proxy.port) as raw:
+                raw.startup()
+                bad_bind = b"\0\0" + struct.pack("!hh", 0, 1) + struct.pack("!i", 50) + b"short"
+                raw.send(
+                    Parse("", "update tags set tag = $1").encode()
+                    + b"B" + struct.pack("!I", 4 + len(bad_bind)) + bad_bind
+                    + b"E\0\0\0\x09\0\0\0\0\0" + b"S\0\0\0\x04"
+                )  # fmt: skip
+                errors = _errors(raw.rest())
+            assert errors and errors[0]["C"] == "08P01", errors
+            other.execute("insert into tags values (1, 'fine')")
+        wait_applied(proxy)
+        assert rows(fresh.new, "tags") == [(1, "fine")]
+    finally:
+        proxy.stop()
