@@ -38,6 +38,9 @@ from proxy.wire.messages import SYNC, CommandComplete, Parse, Query, frame
 
 SQL_SIMPLE = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 SQL_EXTENDED = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+# mode "write": an autocommit UPDATE through a prepared statement (with dual write: one committed
+# transaction per request, replayed on the mirror as it is).
+SQL_WRITE = "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = $1"
 
 
 class CountingTransport:
@@ -82,12 +85,17 @@ def requests(mode: str, count: int) -> list[bytes]:
             out.append(Query(SQL_SIMPLE.format(aid)).encode())
         elif mode == "extended":
             out.append(Parse("", SQL_EXTENDED, ()).encode() + _bind("", aid) + describe + execute + SYNC)
+        elif mode == "write":
+            out.append(_bind("P0_1", aid) + execute + SYNC)
         else:
             out.append(_bind("P0_1", aid) + describe + execute + SYNC)
     return out
 
 
 def reply(mode: str) -> bytes:
+    if mode == "write":
+        done = CommandComplete("UPDATE 1").encode() + frame(BackendCode.READY_FOR_QUERY, b"I")
+        return frame(BackendCode.BIND_COMPLETE, b"") + done
     column = b"abalance\x00" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0)
     row_desc = frame(BackendCode.ROW_DESCRIPTION, struct.pack("!h", 1) + column)
     row = frame(BackendCode.DATA_ROW, struct.pack("!hi", 1, 1) + b"0")
@@ -147,8 +155,8 @@ async def measure(kind: str, mode: str, count: int) -> float:
     if isinstance(session, RoutedSession):
         session._adopt(backends["second"])
     answer = reply(mode)
-    if mode == "prepared":  # the statement, prepared once
-        session._client_data(Parse("P0_1", SQL_EXTENDED, ()).encode() + SYNC)
+    if mode in ("prepared", "write"):  # the statement, prepared once
+        session._client_data(Parse("P0_1", SQL_WRITE if mode == "write" else SQL_EXTENDED, ()).encode() + SYNC)
         ready = frame(BackendCode.READY_FOR_QUERY, b"I")
         backends["main"].data_received(frame(BackendCode.PARSE_COMPLETE, b"") + ready)
     # A fixed pool, cycled: building the requests must not grow with ``count`` (instruction
@@ -185,9 +193,12 @@ def main() -> None:
         return
     print(f"python {sys.version.split()[0]}, best of {args.repeat} x {args.count} requests; µs per request + reply")
     print(f"{'mode':<10}{'plain':>10}{'routed':>10}{'split 50/50':>14}{'mirrored':>10}{'routed - plain':>16}")
-    for mode in ("simple", "extended", "prepared"):
+    for mode in ("simple", "extended", "prepared", "write"):
         results = {}
         for kind in ("plain", "routed", "split", "mirrored"):
+            if mode == "write" and kind == "split":
+                results[kind] = float("nan")  # (a write is never split)
+                continue
             results[kind] = min(asyncio.run(measure(kind, mode, args.count)) for _ in range(args.repeat)) * 1e6
         print(
             f"{mode:<10}{results['plain']:>10.2f}{results['routed']:>10.2f}{results['split']:>14.2f}"

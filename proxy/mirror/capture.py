@@ -352,6 +352,12 @@ class Capture:
                 self._skip = end - n  # streams through as it comes
                 pos = n
                 break
+            if code in _SIMPLE_DONE:  # ParseComplete, BindComplete, CloseComplete: the most common
+                fifo = self._fifo
+                if fifo and fifo[0].kind in (_PARSE, _BIND, _CLOSE):
+                    fifo.popleft()
+                pos = end
+                continue
             replacement = self._on_message(code, data, pos, end)
             if replacement is not None:
                 if pos > run_start:
@@ -666,6 +672,7 @@ class Capture:
 
     def _commit(self) -> None:
         buffer, self._buffer = self._buffer, []
+        size = self._size
         settings = self._tx_settings or ()
         self._reset(committed=True)
         writes = [w for w in buffer if isinstance(w, Write)]
@@ -674,7 +681,7 @@ class Capture:
                 self.manager.note(self, *item)
         if not writes:
             return
-        wait = self.manager.commit(self, settings, tuple(writes))
+        wait = self.manager.commit(self, settings, tuple(writes), size)
         if wait is not None:
             self._arm = wait
 

@@ -64,6 +64,8 @@ class MirrorManager:
         self._rewritten: OrderedDict[bytes, bytes] = OrderedDict()
         self._watch: asyncio.Task[None] | None = None
         self._waiting: set[asyncio.Task[None]] = set()  # sync-mode commits waiting for their mirrors
+        self._default = Policy("async", 0.0, "record")
+        self._default_for: MirrorConfig | None = None
         self._closing = False
 
     # --- what captures ask ----------------------------------------------------------------------
@@ -107,6 +109,11 @@ class MirrorManager:
         """The first rule matching the session (and, when given, a table the transaction wrote)
         overrides the [mirror] defaults it sets."""
         config = self.config
+        if not config.rules:  # (the usual case, on every commit: no new object)
+            if self._default_for is not config:
+                self._default = Policy(config.mode, config.sync_timeout, config.unsafe)
+                self._default_for = config
+            return self._default
         mode, timeout, unsafe = config.mode, config.sync_timeout, config.unsafe
         for rule in config.rules:
             if rule.users is not None and user not in rule.users:
@@ -122,7 +129,7 @@ class MirrorManager:
         return Policy(mode, timeout, unsafe)
 
     def commit(
-        self, capture: Capture, settings: tuple[tuple[str, str], ...], writes: tuple[Write, ...]
+        self, capture: Capture, settings: tuple[tuple[str, str], ...], writes: tuple[Write, ...], size: int
     ) -> asyncio.Future[str | None] | None:
         """A transaction the primary just committed: queue it on every mirror. Returns what the
         client's answer must wait for in sync mode (its result: a warning to show, or None)."""
@@ -130,7 +137,6 @@ class MirrorManager:
         if not mirrors or self._closing:
             return None
         self._seq += 1
-        size = sum(w.size for w in writes)
         txn = Txn(self._seq, capture.database, capture.session, settings, writes, size)
         waits: list[tuple[str, asyncio.Future[Outcome]]] = []
         limit = self.config.queue_bytes

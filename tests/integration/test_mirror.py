@@ -583,3 +583,44 @@ def test_malformed_bind_ends_only_that_session(fresh: TwoClusters) -> None:
         assert rows(fresh.new, "tags") == [(1, "fine")]
     finally:
         proxy.stop()
+
+
+def test_a_transaction_larger_than_the_queue_is_journaled_not_held(fresh: TwoClusters) -> None:
+    proxy = mirror_proxy(fresh, {"queue_bytes": 65536})
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            cur = conn.execute("insert into audit (note) select repeat('x', 100) || g from generate_series(1, 3000) g")
+            assert cur.rowcount == 3000
+            conn.execute("insert into tags values (1, 'small')")  # the next one is mirrored as usual
+        status = wait_applied(proxy)
+        assert rows(fresh.new, "audit") == [] and rows(fresh.new, "tags") == [(1, "small")]
+        entry = next(e for e in status["recent"] if e["tables"] == ["audit"])
+        assert entry["kind"] == "unmirrored" and "larger than mirror.queue_bytes" in entry["reason"]
+        assert status["mirrors"][0]["databases"][0]["state"] == "running"  # not detached for it
+    finally:
+        proxy.stop()
+
+
+def test_shutdown_journals_what_the_mirror_did_not_get(fresh: TwoClusters, tmp_path: Path) -> None:
+    journal = tmp_path / "journal.jsonl"
+    config = routed_config(fresh.old, fresh.new, mirrors=["new"])
+    config["mirror"] = {"journal": str(journal)}
+    config["proxy"] = {"shutdown_grace": 1}
+    proxy = ProxyThread(config).start()
+    with psycopg.connect(fresh.new.dsn()) as direct:
+        direct.execute("lock table audit in access exclusive mode")  # the mirror cannot apply
+        try:
+            with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+                for i in range(5):
+                    conn.execute("insert into audit (note) values (%s)", (str(i),))
+        finally:
+            proxy.stop()
+        direct.rollback()
+    # Sent and not confirmed (the lock held them): outcome unknown; never sent: dropped at the stop.
+    # Either way each one is in the journal, against its table.
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    unknown = [e for e in entries if e["kind"] == "failed" and "outcome unknown" in e["reason"]]
+    dropped = [e for e in entries if e["kind"] == "out_of_sync" and "proxy stopped with" in e["reason"]]
+    counted = len(unknown) + sum(int(e["reason"].split("proxy stopped with ")[1].split()[0]) for e in dropped)
+    assert counted == 5, entries
+    assert all(e["tables"] == ["audit"] for e in unknown + dropped)

@@ -82,7 +82,9 @@ class FakeManager:
     def rewritten_parse(self, raw: bytes, sql: str) -> bytes:
         return rewrite_parse(raw, sql)
 
-    def commit(self, capture: Capture, settings: Any, writes: tuple[Write, ...]) -> asyncio.Future[str | None] | None:
+    def commit(
+        self, capture: Capture, settings: Any, writes: tuple[Write, ...], size: int
+    ) -> asyncio.Future[str | None] | None:
         self.commits.append((settings, writes))
         return self.wait
 
