@@ -624,3 +624,47 @@ def test_shutdown_journals_what_the_mirror_did_not_get(fresh: TwoClusters, tmp_p
     counted = len(unknown) + sum(int(e["reason"].split("proxy stopped with ")[1].split()[0]) for e in dropped)
     assert counted == 5, entries
     assert all(e["tables"] == ["audit"] for e in unknown + dropped)
+
+
+def test_session_settings_mean_the_same_on_the_mirror(fresh: TwoClusters) -> None:
+    """A replayed statement runs with the session's search_path and TimeZone on the mirror too."""
+    for cluster in (fresh.old, fresh.new):
+        cluster.psql(
+            "drop schema if exists other cascade; create schema other;"
+            "create table other.tags (account int primary key, at timestamptz)"
+        )
+    proxy = mirror_proxy(fresh)
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True, options="-c TimeZone=Asia/Tokyo") as conn:
+            conn.execute("insert into other.tags values (1, null), (2, null)")
+            conn.execute("set search_path = other, public")
+            conn.execute("update tags set at = '2026-01-01 12:00' where account = 1")  # Tokyo noon
+            conn.execute("set time zone 'America/New_York'")
+            with conn.transaction():
+                conn.execute("set local search_path = public")
+                conn.execute("insert into tags values (5, 'public, local')")  # public.tags
+            conn.execute("update tags set at = '2026-01-01 12:00' where account = 2")  # other.tags, NY noon
+        wait_applied(proxy)
+        assert_same(fresh, "other.tags", "public.tags")
+        at = dict(rows(fresh.new, "other.tags"))
+        assert at[1] is not None and at[2] is not None
+        assert (at[2] - at[1]).total_seconds() == 14 * 3600  # Tokyo is 14 h ahead of New York in January
+        assert rows(fresh.new, "public.tags") == [(5, "public, local")]
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("functions", [False, True])
+def test_writes_inside_functions_are_mirrored_only_when_configured(fresh: TwoClusters, functions: bool) -> None:
+    for cluster in (fresh.old, fresh.new):
+        cluster.psql("create function bump(n int) returns int language sql as "
+                     "$$ insert into tags values (n, 'bumped') returning account $$")  # fmt: skip
+    proxy = mirror_proxy(fresh, {"functions": functions})
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            assert conn.execute("select bump(7)").fetchone() == (7,)
+        wait_applied(proxy)
+        assert rows(fresh.old, "tags") == [(7, "bumped")]
+        assert rows(fresh.new, "tags") == ([(7, "bumped")] if functions else [])
+    finally:
+        proxy.stop()
