@@ -63,6 +63,7 @@ _ERROR = BackendCode.ERROR_RESPONSE.value
 _DATA_ROW = BackendCode.DATA_ROW.value
 _NOTICE = BackendCode.NOTICE_RESPONSE.value
 _IDLE = TxStatus.IDLE.value
+_ACTED_ON = frozenset({_DATA_ROW, _ERROR, _NOTICE, _COMPLETE, _EMPTY, BackendCode.READY_FOR_QUERY.value})
 
 
 def parse_unnamed(sql: str) -> bytes:
@@ -574,7 +575,8 @@ class ApplyStream(BackendSink):
             end = pos + 1 + length
             if end > n:
                 break
-            self._reply(code, inbox, pos + 5, end)
+            if code in _ACTED_ON:  # (ParseComplete, BindComplete and the like: nothing to do)
+                self._reply(code, inbox, pos + 5, end)
             pos = end
         if pos:
             del inbox[:pos]
