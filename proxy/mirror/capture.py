@@ -91,7 +91,7 @@ class _Run:
 
 
 class _Entry:
-    __slots__ = ("index", "kind", "limit", "plan", "runs", "sent")
+    __slots__ = ("index", "kind", "limit", "plain_rows", "plan", "runs", "sent")
 
     def __init__(self, kind: int, runs: list[_Run] | None = None, plan: StatementPlan | None = None) -> None:
         self.kind = kind
@@ -100,6 +100,9 @@ class _Entry:
         self.plan = plan  # DESCRIBE: the plan described (None: nothing to trim)
         self.limit = 0  # EXECUTE: the client's row limit (the server was asked for every row)
         self.sent = 0  # EXECUTE with a limit: rows passed to the client
+        # No DataRow of this entry is edited (no image column, no lifted limit): they pass as
+        # they are, without a call per row (a large SELECT result through a mirroring session).
+        self.plain_rows = runs is None or not any(run.rewritten for run in runs)
 
 
 class _Prepared:
@@ -260,6 +263,7 @@ class Capture:
                     raw = raw[: stop + 1] + b"\x00\x00\x00\x00"
                     changed = True
                     entry.limit = limit
+                    entry.plain_rows = False
                 entries.append(entry)
             elif kind == _CLOSE:
                 name = raw[6:-1].decode(errors="replace")
@@ -352,7 +356,12 @@ class Capture:
                 self._skip = end - n  # streams through as it comes
                 pos = n
                 break
-            if code in _SIMPLE_DONE:  # ParseComplete, BindComplete, CloseComplete: the most common
+            if code == _DATA_ROW:
+                fifo = self._fifo
+                if not fifo or fifo[0].plain_rows:
+                    pos = end
+                    continue
+            elif code in _SIMPLE_DONE:  # ParseComplete, BindComplete, CloseComplete: the most common
                 fifo = self._fifo
                 if fifo and fifo[0].kind in (_PARSE, _BIND, _CLOSE):
                     fifo.popleft()
