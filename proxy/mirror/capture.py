@@ -91,7 +91,7 @@ class _Run:
 
 
 class _Entry:
-    __slots__ = ("index", "kind", "limit", "plain_rows", "plan", "runs", "sent")
+    __slots__ = ("index", "kind", "limit", "plain_rows", "plan", "prepared", "runs", "sent")
 
     def __init__(self, kind: int, runs: list[_Run] | None = None, plan: StatementPlan | None = None) -> None:
         self.kind = kind
@@ -103,6 +103,7 @@ class _Entry:
         # No DataRow of this entry is edited (no image column, no lifted limit): they pass as
         # they are, without a call per row (a large SELECT result through a mirroring session).
         self.plain_rows = runs is None or not any(run.rewritten for run in runs)
+        self.prepared: tuple[str, _Prepared] | None = None  # PARSE: the statement it makes
 
 
 class _Prepared:
@@ -142,7 +143,9 @@ class Capture:
         self._policy: Policy | None = None
         self._policy_for: object = None
         self._fifo: deque[_Entry] = deque()
+        self._skip_until_sync = False  # an error emptied the FIFO before the request's Sync came
         self._prepared: dict[str, _Prepared] = {}
+        self._parsing: dict[str, _Prepared] = {}  # sent, ParseComplete not seen yet
         self._portals: dict[str, _Run] = {}
         self._copy_run: _Run | None = None
         self._pending = b""
@@ -183,6 +186,14 @@ class Capture:
         entries: list[_Entry] = []
         for code, raw in frames:
             kind = _FRONT.get(code)
+            if self._skip_until_sync:
+                # After an error Postgres discards every message up to Sync: no answer to expect,
+                # nothing prepared, nothing run.
+                if kind == _SYNC:
+                    self._skip_until_sync = False
+                    entries.append(_Entry(_SYNC))
+                out.append((code, raw))
+                continue
             if kind is None:
                 if self._copy_run is not None and code in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
                     run = self._copy_run
@@ -198,7 +209,8 @@ class Capture:
                 plans = self.manager.plans.get(sql)
                 runs = [self._run_for(plan, policy) for plan in plans]
                 if any(r.rewritten for r in runs):
-                    text = ";\n".join(
+                    # (each on its own line: a statement may end in a -- comment)
+                    text = "\n;\n".join(
                         (r.plan.rewritten if r.rewritten and r.plan.rewritten else r.plan.sql) for r in runs
                     )
                     raw = _frame(b"Q", text.encode() + b"\x00")
@@ -216,10 +228,13 @@ class Capture:
                     raw = self.manager.rewritten_parse(raw, plan.rewritten)
                     changed = True
                 # (A rewritten statement is applied from its row images, never replayed.)
-                self._prepared[name] = _Prepared(
-                    plan, b"" if run.rewritten else wireedit.unnamed_parse(raw), run.rewritten
-                )
-                entries.append(_Entry(_PARSE))
+                prepared = _Prepared(plan, b"" if run.rewritten else wireedit.unnamed_parse(raw), run.rewritten)
+                # It replaces the statement of that name only once the server says ParseComplete
+                # (a Parse that fails leaves the old one); until then what follows uses it.
+                self._parsing[name] = prepared
+                entry = _Entry(_PARSE)
+                entry.prepared = (name, prepared)
+                entries.append(entry)
             elif kind == _BIND:
                 portal, stmt = wireedit.bind_names(raw)
                 target = self._statement(stmt)
@@ -231,7 +246,7 @@ class Capture:
                         run.parse = target.parse
                         run.bind = wireedit.bind_for_replay(raw)
                     if target.rewritten:
-                        edited = wireedit.bind_with_image_format(raw)
+                        edited = wireedit.bind_with_image_format(raw, target.plan.returning)
                         if edited is not raw:
                             raw = edited
                             changed = True
@@ -269,6 +284,7 @@ class Capture:
                 name = raw[6:-1].decode(errors="replace")
                 if raw[5:6] == b"S":
                     self._prepared.pop(name, None)
+                    self._parsing.pop(name, None)
                 else:
                     self._portals.pop(name, None)
                 entries.append(_Entry(_CLOSE))
@@ -281,8 +297,13 @@ class Capture:
         self._fifo.extend(entries)
         return out if changed else None
 
+    def _parsed(self, name: str, prepared: _Prepared) -> None:
+        self._prepared[name] = prepared
+        if self._parsing.get(name) is prepared:
+            del self._parsing[name]
+
     def _statement(self, name: str) -> _Prepared | None:
-        prepared = self._prepared.get(name)
+        prepared = self._parsing.get(name) or self._prepared.get(name)
         if prepared is None:
             raw = self._known(name)
             if raw is None:
@@ -364,7 +385,9 @@ class Capture:
             elif code in _SIMPLE_DONE:  # ParseComplete, BindComplete, CloseComplete: the most common
                 fifo = self._fifo
                 if fifo and fifo[0].kind in (_PARSE, _BIND, _CLOSE):
-                    fifo.popleft()
+                    done = fifo.popleft()
+                    if done.prepared is not None:
+                        self._parsed(*done.prepared)
                 pos = end
                 continue
             replacement = self._on_message(code, data, pos, end)
@@ -476,10 +499,6 @@ class Capture:
             and (head.limit or (head.runs and head.runs[0].leftover))
         ):
             return self._limited_complete(head, data[pos:end])
-        if code in _SIMPLE_DONE:
-            if head is not None and head.kind in (_PARSE, _BIND, _CLOSE):
-                fifo.popleft()
-            return None
         if code == _COMPLETE:
             if head is not None:
                 run = self._current_run(head)
@@ -524,7 +543,13 @@ class Capture:
             if head is not None and head.kind in (_PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE):
                 # Postgres skips every message up to Sync after an error in the extended protocol.
                 while fifo and fifo[0].kind not in (_SYNC, _QUERY, _FCALL):
-                    fifo.popleft()
+                    dropped = fifo.popleft()
+                    if dropped.prepared is not None:
+                        name, prepared = dropped.prepared
+                        if self._parsing.get(name) is prepared:
+                            del self._parsing[name]  # never made: the old statement stays
+                if not fifo:
+                    self._skip_until_sync = True  # (its Sync has not been sent yet)
             self._copy_run = None
             return None
         if code == _FUNCTION_RESULT:

@@ -111,13 +111,17 @@ def bind_for_replay(msg: bytes) -> bytes:
     return _message(b"B", b"\x00\x00" + msg[start:results] + b"\x00\x00")
 
 
-def bind_with_image_format(msg: bytes) -> bytes:
+def bind_with_image_format(msg: bytes, returning: bool) -> bytes:
     """A Bind for a statement with the row-image column appended: one result format per column
-    (a count above 1) must cover that column too; 0 or 1 format codes already do."""
+    (a count above 1) must cover that column too; 0 or 1 format codes already do. Without the
+    client's own RETURNING the statement had no columns, and Postgres ignored whatever formats
+    the Bind listed; the image column then gets the default (text)."""
     _, results = _bind_sections(msg)
     (count,) = _I16.unpack_from(msg, results)
     if count <= 1:
         return msg
+    if not returning:
+        return _message(b"B", msg[5:results] + b"\x00\x00")
     return _message(b"B", msg[5:results] + _I16.pack(count + 1) + msg[results + 2 :] + b"\x00\x00")
 
 
