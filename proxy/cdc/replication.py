@@ -308,6 +308,7 @@ class ReplicationConnection:
         self._replies: deque[tuple[int, bytes]] = deque()
         self._gone_error: PgShiftError | None = None
         self._closed = False
+        self._streamed = False  # START_REPLICATION entered CopyBoth on this connection
         # The server ended a stream on its own: the replies that end its START_REPLICATION
         # (CommandComplete, ReadyForQuery) are still to come and belong to no command of ours.
         self._stale_replies = False
@@ -451,7 +452,8 @@ class ReplicationConnection:
     ) -> Self:
         """START_REPLICATION SLOT slot LOGICAL start_lsn (proto_version '1', publication_names …).
 
-        Returns this connection as an async iterator of ChangeEvents. ``start_lsn`` 0 means the
+        Returns this connection as an async iterator of ChangeEvents; a connection streams once
+        (after stop() its other commands still work). ``start_lsn`` 0 means the
         slot's confirmed position; the server never goes back further than that, whatever is
         asked. ``messages`` adds pg_logical_emit_message() output (LogicalMessage).
 
@@ -474,6 +476,13 @@ class ReplicationConnection:
         what = f'starting replication from slot "{slot}"'
         async with self._lock:
             self._check_command_phase(what)
+            if self._streamed:
+                # A PG15 walsender does not reset its end-of-streaming flags for a second logical
+                # START_REPLICATION: the new stream would end at once with "COPY 0".
+                raise ReplicationError(
+                    f"{what}: this connection has streamed already",
+                    hint="Open a new replication connection for each stream.",
+                )
             await self._settle()
             self._reset_stream(advance_when_idle)
             self._replies.clear()
@@ -715,6 +724,7 @@ class ReplicationConnection:
         if code == _COPY_BOTH:
             # Switched here, not in start(): CopyData may follow in the same chunk.
             self._phase = _Phase.STREAMING
+            self._streamed = True
         self._replies.append((code, body))
         self._changed.set()
 

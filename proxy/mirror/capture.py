@@ -441,8 +441,11 @@ class Capture:
             out.extend(run.leftover[:room])
             del run.leftover[:room]
             head.sent += min(room, len(out))
-        suspended = head.limit and head.sent >= head.limit
-        out.append(wireedit.PORTAL_SUSPENDED if suspended else message)
+        if head.limit and head.sent >= head.limit:
+            out.append(wireedit.PORTAL_SUSPENDED)
+        else:
+            # The last portion: Postgres counts the rows of this Execute in its tag.
+            out.append(wireedit.with_row_count(message, head.sent))
         return b"".join(out)
 
     def _image_rows(self) -> bool:
@@ -733,6 +736,11 @@ class Capture:
 
     # --- sync mode ---------------------------------------------------------------------------
 
+    @property
+    def holding(self) -> bool:
+        """Replies are held back until the mirrors confirm a commit (sync mode)."""
+        return self._held is not None
+
     def _hold(self, wait: asyncio.Future[str | None]) -> None:
         if self._held is None:
             self._held = []
@@ -748,9 +756,7 @@ class Capture:
             return  # a later commit's answer is among the held bytes: it waits for its mirrors too
         held, self._held = self._held or [], None
         warnings, self._warnings = self._warnings, []
-        data = b"".join(warnings + held)
-        if data:
-            self._write(data)
+        self._write(b"".join(warnings + held))  # (even empty: what waited behind it goes on)
 
 
 _NOT_MIRRORED = StatementPlan(Action.NONE, "", "", ())

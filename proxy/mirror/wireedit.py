@@ -130,6 +130,14 @@ def command_tag(msg: bytes) -> str:
     return msg[5:-1].decode(errors="replace")
 
 
+def with_row_count(msg: bytes, rows: int) -> bytes:
+    """A CommandComplete whose trailing row count is ``rows`` ("INSERT 0 5" → "INSERT 0 2")."""
+    head, _, last = command_tag(msg).rpartition(" ")
+    if not head or not last.isdigit():
+        return msg
+    return _message(b"C", f"{head} {rows}".encode() + b"\x00")
+
+
 def error_fields(msg: bytes) -> dict[str, str]:
     """ErrorResponse/NoticeResponse fields by their code letter."""
     fields: dict[str, str] = {}

@@ -195,7 +195,13 @@ class RoutedSession(Session):
 
     def _ready(self) -> bool:
         return (
-            not self._blocked and self._hold is None and self.state is not SessionState.CLOSED and not self._done.done()
+            not self._blocked
+            and self._hold is None
+            and self.state is not SessionState.CLOSED
+            and not self._done.done()
+            # Sync dual write: the primary's answer to a COMMIT waits for the mirrors; nothing
+            # may overtake it (a read answered by another backend would reach the client first).
+            and (self._capture is None or not self._capture.holding)
         )
 
     def _follow(self) -> BackendConnection | None:
@@ -450,7 +456,10 @@ class RoutedSession(Session):
         )
 
     def _client_write(self, data: bytes) -> None:
+        """Replies capture held back (sync mode) are released: send them, then what waited."""
         self._to_client(data)
+        if self._requests:
+            self._pump()
 
     def _reject(self, target: BackendConnection, frames: list[RawFrame], exc: Rejected) -> list[RawFrame]:
         """Refuse a request without running any of it, so that the client and the transaction
