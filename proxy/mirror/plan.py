@@ -110,6 +110,8 @@ _NONDETERMINISTIC: Final = frozenset(
         "nextval", "currval", "lastval", "setval", "txid_current", "txid_current_if_assigned",
         "pg_current_xact_id", "pg_current_xact_id_if_assigned", "inet_server_addr", "inet_server_port",
         "pg_trigger_depth",
+        # the database and role the statement runs as: on a mirror, its own name and the apply account
+        "current_database", "current_catalog", "current_user", "current_role", "session_user", "user",
     }
 )  # fmt: skip
 _NONDETERMINISTIC_PREFIXES: Final = ("uuid_generate_",)
@@ -130,13 +132,14 @@ _ORDER_SENSITIVE_AGGS: Final = frozenset(
 )  # fmt: skip
 # Date/time input words evaluated when the literal is converted: 'now'::timestamptz is now().
 _TIME_WORDS: Final = frozenset({"now", "today", "tomorrow", "yesterday"})
-# CURRENT_TIMESTAMP & co. (SQLValueFunction) that read the clock; CURRENT_USER & co. follow the
-# session's settings, which the mirror applies first.
+# SQLValueFunctions whose value differs on a mirror: CURRENT_TIMESTAMP & co. read the clock, and
+# CURRENT_USER & co. name the role running the statement (on the mirror: the apply account).
 _CLOCK_SVFOPS: Final = frozenset(
     {
         "SVFOP_CURRENT_DATE", "SVFOP_CURRENT_TIME", "SVFOP_CURRENT_TIME_N", "SVFOP_CURRENT_TIMESTAMP",
         "SVFOP_CURRENT_TIMESTAMP_N", "SVFOP_LOCALTIME", "SVFOP_LOCALTIME_N", "SVFOP_LOCALTIMESTAMP",
-        "SVFOP_LOCALTIMESTAMP_N",
+        "SVFOP_LOCALTIMESTAMP_N", "SVFOP_CURRENT_ROLE", "SVFOP_CURRENT_USER", "SVFOP_USER", "SVFOP_SESSION_USER",
+        "SVFOP_CURRENT_CATALOG", "SVFOP_CURRENT_SCHEMA",
     }
 )  # fmt: skip
 # System columns whose values are physical (ctid, xmin, …) or catalog OIDs (tableoid): they differ on a mirror.

@@ -224,7 +224,7 @@ def test_writable_cte_in_insert_is_unsafe() -> None:
         "DELETE FROM t WHERE id = 1",
         "DELETE FROM t WHERE id IN (SELECT id FROM t WHERE a < 0)",
         "WITH old AS (SELECT id FROM t WHERE a < 0) DELETE FROM t WHERE id IN (SELECT id FROM old)",
-        "UPDATE t SET at = '2024-01-01'::timestamptz, tag = current_user WHERE id = 1",
+        "UPDATE t SET at = '2024-01-01'::timestamptz, tag = current_setting('app.tag') WHERE id = 1",
         "UPDATE t SET a = 1 WHERE id = 1 RETURNING id, a",
     ],
 )
@@ -233,6 +233,18 @@ def test_deterministic_update_and_delete_replay(sql: str) -> None:
     assert plan.action is Action.REPLAY, plan.reason
     assert plan.rewritten is None and plan.op is None
     assert plan.tables in (("t",), ("public.t",))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE t SET tag = current_user WHERE id = 1",  # on the mirror: the apply account
+        "UPDATE t SET tag = session_user WHERE id = 1",
+        "UPDATE t SET db = current_database() WHERE id = 1",
+    ],
+)
+def test_who_and_where_the_statement_runs_is_captured_as_images(sql: str) -> None:
+    assert one(sql).action is Action.IMAGE
 
 
 @pytest.mark.parametrize(
