@@ -153,7 +153,8 @@ class Capture:
         # the open transaction
         # writes, and notes (kind, plan, reason) of what is not mirrored (journaled at commit)
         self._buffer: list[Write | tuple[str, StatementPlan, str]] = []
-        self._marks: list[tuple[str, int, int]] = []  # savepoint, buffer length, size then
+        # savepoint, buffer length, size then, settings then
+        self._marks: list[tuple[str, int, int, tuple[dict[str, str | None], dict[str, str | None]]]] = []
         self._size = 0
         self._failed = False
         self._in_tx = False
@@ -591,9 +592,9 @@ class Capture:
             self._transaction_step(plan, tag)
             return
         if plan.action is Action.NONE:
-            if tag in ("SET", "RESET", "DISCARD ALL", "DISCARD"):
+            if tag in ("SET", "RESET", "DISCARD ALL", "DISCARD") or (tag == "SELECT 1" and "set_config" in plan.sql):
                 for change in changes(plan.sql):
-                    self.settings.apply(change, self._in_tx)
+                    self.settings.apply(change)
             return
         if run.mode == "none":
             return
@@ -661,7 +662,7 @@ class Capture:
             self._discard()
         elif op is TxOp.SAVEPOINT and plan.savepoint is not None:
             self._in_tx = True
-            self._marks.append((plan.savepoint, len(self._buffer), self._size))
+            self._marks.append((plan.savepoint, len(self._buffer), self._size, self.settings.savepoint()))
         elif op is TxOp.RELEASE and plan.savepoint is not None:
             index = self._mark(plan.savepoint)
             if index is not None:
@@ -669,8 +670,9 @@ class Capture:
         elif op is TxOp.ROLLBACK_TO and plan.savepoint is not None:
             index = self._mark(plan.savepoint)
             if index is not None:
-                _, length, size = self._marks[index]
+                _, length, size, saved = self._marks[index]
                 del self._marks[index + 1 :]
+                self.settings.rollback_to(saved)
                 del self._buffer[length:]
                 self._size = size
                 self._failed = False
@@ -695,7 +697,9 @@ class Capture:
         if self._buffer and not self._failed:
             self._commit()
         else:
-            self._discard()
+            # (No writes: still the end of a transaction, for the settings it changed.)
+            self._buffer = []
+            self._reset(committed=not self._failed)
         self._failed = False
         self._in_tx = False
 

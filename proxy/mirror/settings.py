@@ -44,6 +44,9 @@ def changes(sql: str) -> tuple[Change, ...]:
     out: list[Change] = []
     for raw in stmts:
         stmt = raw.stmt
+        if isinstance(stmt, pg_ast.SelectStmt):
+            out.extend(_set_config_calls(stmt))
+            continue
         if isinstance(stmt, pg_ast.DiscardStmt):
             out.append(RESET_ALL)
             continue
@@ -59,6 +62,23 @@ def changes(sql: str) -> tuple[Change, ...]:
         elif kind == 0 and name not in _SKIP:
             out.append(Change(name, _flatten(name, stmt.args or ()), local))
     return tuple(out)
+
+
+def _set_config_calls(stmt: pg_ast.SelectStmt) -> list[Change]:
+    """``SELECT set_config('name', 'value', is_local)`` with literal arguments (pg_dump scripts,
+    pool reset hooks): the same change as a SET. Other arguments cannot be followed."""
+    found = []
+    for target in stmt.targetList or ():
+        call = getattr(target, "val", None)
+        if not isinstance(call, pg_ast.FuncCall) or not call.funcname:
+            continue
+        if getattr(call.funcname[-1], "sval", None) != "set_config" or len(call.args or ()) != 3:
+            continue
+        name, value, local = (arg.val if isinstance(arg, pg_ast.A_Const) else None for arg in call.args or ())
+        if isinstance(name, pg_ast.String) and isinstance(value, pg_ast.String):
+            is_local = isinstance(local, pg_ast.Boolean) and bool(local.boolval)
+            found.append(Change(_canonical(name.sval or ""), value.sval, is_local))
+    return found
 
 
 def _canonical(name: str) -> str:
@@ -99,8 +119,10 @@ def from_startup(params: dict[str, str]) -> dict[str, str]:
 
 
 class SessionSettings:
-    """Committed settings, and those changed inside the open transaction (kept apart until it
-    ends: a rolled-back SET never happened; a SET LOCAL ends with its transaction)."""
+    """Committed settings, and those changed in the transaction in progress — explicit, or the
+    implicit one of an autocommit statement or a multi-statement Query. Changes wait there until
+    it ends: a SET rolled back (or in a failed transaction) never happened, a SET LOCAL ends with
+    its transaction, and ROLLBACK TO SAVEPOINT restores what the savepoint saw."""
 
     __slots__ = ("_committed", "_effective", "_local", "_startup", "_tx")
 
@@ -120,24 +142,26 @@ class SessionSettings:
             self._tx.pop(name, None)
             self._local.pop(name, None)
 
-    def apply(self, change: Change, in_transaction: bool) -> None:
+    def apply(self, change: Change) -> None:
+        """A SET/RESET that completed: in effect now, kept once its transaction commits."""
         self._effective = None
         if change is RESET_ALL:
-            if in_transaction:
-                self._tx = {k: self._startup.get(k) for k in {*self._committed, *self._tx}}
-            else:
-                self._committed = dict(self._startup)
+            self._tx = {k: self._startup.get(k) for k in {*self._committed, *self._tx}}
+            self._local.clear()
             return
         value = change.value if change.value is not None else self._startup.get(change.name)
         if change.local:
-            if in_transaction:
-                self._local[change.name] = value
-        elif in_transaction:
-            self._tx[change.name] = value
-        elif value is None:
-            self._committed.pop(change.name, None)
+            self._local[change.name] = value
         else:
-            self._committed[change.name] = value
+            self._tx[change.name] = value
+            self._local.pop(change.name, None)
+
+    def savepoint(self) -> tuple[dict[str, str | None], dict[str, str | None]]:
+        return dict(self._tx), dict(self._local)
+
+    def rollback_to(self, saved: tuple[dict[str, str | None], dict[str, str | None]]) -> None:
+        self._effective = None
+        self._tx, self._local = dict(saved[0]), dict(saved[1])
 
     def end_transaction(self, committed: bool) -> None:
         if not self._tx and not self._local:
