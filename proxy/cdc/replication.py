@@ -185,7 +185,8 @@ class CreatedSlot:
 
 
 class ChangeEvent(NamedTuple):
-    """One decoded message of the stream and its position (the XLogData start LSN)."""
+    """One decoded message of the stream and its position: the XLogData start LSN, which for a
+    Commit is its end_lsn, and 0 for the Relation and Type messages written ahead of a change."""
 
     lsn: int
     message: PgOutputMessage
@@ -389,6 +390,11 @@ class ReplicationConnection:
     @property
     def received_lsn(self) -> int:
         return self._received
+
+    @property
+    def reading_paused(self) -> bool:
+        """The consumer lags by more than QUEUE_HIGH_WATER bytes: the socket is not read."""
+        return self._reading_paused
 
     # --- commands --------------------------------------------------------------------------
 
@@ -664,12 +670,10 @@ class ReplicationConnection:
         return self._replies.popleft()
 
     def _reset_stream(self, advance_when_idle: bool) -> None:
+        # (confirm() may have been called before start(): that position stays.)
         self._drop_events()
         self._advance_when_idle = advance_when_idle
-        self._confirmed = self._reported_flush = 0
-        self._received = self._keepalive_end = 0
         self._in_txn = False
-        self._delivered_commit_end = 0
         # pgoutput announces every relation again on a new stream.
         self.relations.clear()
 

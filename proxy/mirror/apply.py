@@ -27,6 +27,7 @@ from proxy.backends.connection import BackendConnection, BackendSink
 from proxy.config import BackendAddress
 from proxy.errors import ProtocolViolation
 from proxy.mirror.model import Divergence, Txn, Write, WriteKind
+from proxy.mirror.settings import codec_for
 from proxy.mirror.tablemeta import CATALOG_SQL, ImageError, TableMeta, image_sql
 from proxy.wire.codes import BackendCode, FrontendCode, TxStatus
 from proxy.wire.messages import SYNC, ErrorResponse, decode_data_row, frame
@@ -66,9 +67,10 @@ _IDLE = TxStatus.IDLE.value
 _ACTED_ON = frozenset({_DATA_ROW, _ERROR, _NOTICE, _COMPLETE, _EMPTY, BackendCode.READY_FOR_QUERY.value})
 
 
-def parse_unnamed(sql: str) -> bytes:
-    """Parse of the unnamed statement, parameter types left to the server."""
-    return frame(FrontendCode.PARSE, b"\0" + sql.encode() + b"\0" + _I16.pack(0))
+def parse_unnamed(sql: str, encoding: str = "utf-8") -> bytes:
+    """Parse of the unnamed statement, parameter types left to the server; the text in
+    ``encoding``, the client_encoding the block runs with."""
+    return frame(FrontendCode.PARSE, b"\0" + sql.encode(encoding) + b"\0" + _I16.pack(0))
 
 
 def bind_unnamed(params: Sequence[bytes] = ()) -> bytes:
@@ -81,9 +83,9 @@ def bind_unnamed(params: Sequence[bytes] = ()) -> bytes:
     return frame(FrontendCode.BIND, b"".join(parts))
 
 
-def statement(sql: str, params: Sequence[bytes] = ()) -> bytes:
+def statement(sql: str, params: Sequence[bytes] = (), encoding: str = "utf-8") -> bytes:
     """Parse/Bind/Execute of one statement (no Sync: it joins the block it is put in)."""
-    return parse_unnamed(sql) + bind_unnamed(params) + EXECUTE_ALL
+    return parse_unnamed(sql, encoding) + bind_unnamed(params) + EXECUTE_ALL
 
 
 def looks_like_ddl(sql: str) -> bool:
@@ -503,17 +505,20 @@ class ApplyStream(BackendSink):
             parts.append(self._prepared(parse_unnamed(f"SELECT {placeholders}"), bind_unnamed(params), fresh))
             steps.append(None)
         search_path = _search_path(txn)
+        # The settings' SELECT sets the session's client_encoding first: the statements after it
+        # are read in that encoding (the client's own frames and row images already are in it).
+        codec = codec_for(dict(txn.settings).get("client_encoding")) or "utf-8"
         ddl = False
         for write in txn.writes:
             ddl = ddl or looks_like_ddl(write.sql)
             if write.kind is WriteKind.QUERY:
-                parts.append(statement(write.sql))
+                parts.append(statement(write.sql, encoding=codec))
             elif write.kind is WriteKind.EXTENDED:
                 parts.append(self._prepared(write.parse, write.bind, fresh))
             elif write.kind is WriteKind.COPY:
                 # In copy-in mode the server takes CopyData until CopyDone, then goes on with the
                 # next message; after an error it discards everything up to the Sync.
-                parts.append(statement(write.sql))
+                parts.append(statement(write.sql, encoding=codec))
                 parts.extend(write.copy_data)
                 parts.append(COPY_DONE)
             else:
@@ -538,7 +543,7 @@ class ApplyStream(BackendSink):
                     failures.append(self._divergence(txn, write, "failed", str(exc)))
                     continue
                 rows = b"[" + b",".join(image.rows) + b"]"
-                parts.append(self._prepared(parse_unnamed(sql), bind_unnamed([rows]), fresh))
+                parts.append(self._prepared(parse_unnamed(sql, codec), bind_unnamed([rows]), fresh))
             steps.append(write)
         if failures:
             block.divergences.extend(failures)

@@ -185,6 +185,10 @@ class Capture:
         changed = False
         out: list[RawFrame] = []
         entries: list[_Entry] = []
+        # SQL text arrives in the session's client encoding; a text whose encoding Python cannot
+        # read is planned (read as latin-1: bytes kept) but never rewritten.
+        codec = self.settings.codec()
+        read_as = codec or "latin-1"
         for code, raw in frames:
             kind = _FRONT.get(code)
             if self._skip_until_sync:
@@ -206,27 +210,28 @@ class Capture:
                 out.append((code, raw))
                 continue
             if kind == _QUERY:
-                sql = raw[5:-1].decode(errors="replace")
+                sql = raw[5:-1].decode(read_as, errors="replace")
                 plans = self.manager.plans.get(sql)
-                runs = [self._run_for(plan, policy) for plan in plans]
-                if any(r.rewritten for r in runs):
+                runs = [self._run_for(plan, policy, rewritten=None if codec else False) for plan in plans]
+                if any(r.rewritten for r in runs) and codec is not None:
                     # (each on its own line: a statement may end in a -- comment)
                     text = "\n;\n".join(
                         (r.plan.rewritten if r.rewritten and r.plan.rewritten else r.plan.sql) for r in runs
                     )
-                    raw = _frame(b"Q", text.encode() + b"\x00")
+                    raw = _frame(b"Q", text.encode(codec) + b"\x00")
                     changed = True
                 for r in runs:
                     if r.copy is not None:
                         self._copy_run = r
                 entries.append(_Entry(_QUERY, runs))
             elif kind == _PARSE:
-                name, sql, _ = wireedit.parse_parts(raw)
+                name, sql, _ = wireedit.parse_parts(raw, read_as)
                 plans = self.manager.plans.get(sql)
                 plan = plans[0] if len(plans) == 1 else _NOT_MIRRORED
-                run = self._run_for(plan, policy)  # (checks the policies now: before anything runs)
-                if run.rewritten and plan.rewritten:
-                    raw = self.manager.rewritten_parse(raw, plan.rewritten)
+                # (checks the policies now: before anything runs)
+                run = self._run_for(plan, policy, rewritten=None if codec else False)
+                if run.rewritten and plan.rewritten and codec is not None:
+                    raw = self.manager.rewritten_parse(raw, plan.rewritten, codec)
                     changed = True
                 # (A rewritten statement is applied from its row images, never replayed.)
                 prepared = _Prepared(plan, b"" if run.rewritten else wireedit.unnamed_parse(raw), run.rewritten)
@@ -310,7 +315,7 @@ class Capture:
             if raw is None:
                 return None
             # Prepared before this session's capture began: as the server has it, unrewritten.
-            _, sql, _ = wireedit.parse_parts(raw)
+            _, sql, _ = wireedit.parse_parts(raw, self.settings.codec() or "latin-1")
             plans = self.manager.plans.get(sql)
             plan = plans[0] if len(plans) == 1 else _NOT_MIRRORED
             prepared = _Prepared(plan, wireedit.unnamed_parse(raw), rewritten=False)
@@ -602,7 +607,10 @@ class Capture:
             if run.mode == "overflow":
                 reason = "transaction larger than mirror.queue_bytes: not mirrored"
             elif plan.action is Action.IMAGE:
-                reason = "statement prepared before dual write began (no row images): not mirrored"
+                reason = (
+                    "no row images: the statement was prepared before dual write began, or the session's "
+                    "client_encoding is one pgshift cannot read; not mirrored"
+                )
             elif plan.action is Action.DDL:
                 reason = 'DDL ran on the primary only (mirror.ddl = "primary_only")'
             else:

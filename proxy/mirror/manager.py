@@ -95,11 +95,12 @@ class MirrorManager:
             return table.mirrors
         return tuple(name for name in (table.primary, *table.mirrors) if name != writer)
 
-    def rewritten_parse(self, raw: bytes, sql: str) -> bytes:
-        """The Parse frame with the row-image column added: built once per distinct frame."""
+    def rewritten_parse(self, raw: bytes, sql: str, codec: str) -> bytes:
+        """The Parse frame with the row-image column added: built once per distinct frame (the
+        text encoded in the session's client encoding, as the server reads it)."""
         cached = self._rewritten.get(raw)
         if cached is None:
-            cached = rewrite_parse(raw, sql)
+            cached = rewrite_parse(raw, sql, encoding=codec)
             self._rewritten[raw] = cached
             if len(self._rewritten) > _REWRITTEN_CACHE:
                 self._rewritten.popitem(last=False)

@@ -22,6 +22,26 @@ _STARTUP_NOT_GUC = frozenset({"user", "database", "replication", "options", "app
 _OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][\w.]*)=((?:\\.|\S)*)")
 
 
+# Postgres client encodings (as ParameterStatus names them) and the Python codec that reads the
+# same bytes. SQL_ASCII means "no conversion": latin-1 turns any bytes into text and back unchanged.
+_CODECS: dict[str, str] = {
+    "UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "LATIN2": "iso8859-2",
+    "LATIN3": "iso8859-3", "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
+    "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15", "LATIN10": "iso8859-16",
+    "ISO_8859_5": "iso8859-5", "ISO_8859_6": "iso8859-6", "ISO_8859_7": "iso8859-7", "ISO_8859_8": "iso8859-8",
+    "WIN1250": "cp1250", "WIN1251": "cp1251", "WIN1252": "cp1252", "WIN1253": "cp1253", "WIN1254": "cp1254",
+    "WIN1255": "cp1255", "WIN1256": "cp1256", "WIN1257": "cp1257", "WIN1258": "cp1258", "WIN866": "cp866",
+    "WIN874": "cp874", "KOI8R": "koi8-r", "KOI8U": "koi8-u", "EUC_JP": "euc-jp", "EUC_KR": "euc-kr",
+    "EUC_CN": "gb2312", "SJIS": "shift_jis", "BIG5": "big5", "GBK": "gbk", "GB18030": "gb18030", "UHC": "cp949",
+    "JOHAB": "johab", "EUC_JIS_2004": "euc_jis_2004", "SHIFT_JIS_2004": "shift_jis_2004",
+}  # fmt: skip
+
+
+def codec_for(encoding: str | None) -> str | None:
+    """The Python codec for a Postgres client_encoding (None: not known here)."""
+    return _CODECS.get((encoding or "UTF8").upper().replace("-", "_"))
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One effect of a SET/RESET statement: ``value`` None means back to the session's start."""
@@ -155,6 +175,13 @@ class SessionSettings:
         else:
             self._tx[change.name] = value
             self._local.pop(change.name, None)
+
+    def codec(self) -> str | None:
+        """The Python codec of the session's client_encoding now (its SQL text is in it)."""
+        for layer in (self._local, self._tx):
+            if "client_encoding" in layer:
+                return codec_for(layer["client_encoding"])
+        return codec_for(self._committed.get("client_encoding"))
 
     def savepoint(self) -> tuple[dict[str, str | None], dict[str, str | None]]:
         return dict(self._tx), dict(self._local)

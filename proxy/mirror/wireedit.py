@@ -64,11 +64,12 @@ def drop_last_field(msg: bytes) -> tuple[bytes, int]:
     return _message(b"T", _I16.pack(count - 1) + msg[7:pos]), count - 1
 
 
-def parse_parts(msg: bytes) -> tuple[str, str, int]:
-    """(statement name, SQL text, offset of the parameter-type section) of a Parse message."""
+def parse_parts(msg: bytes, codec: str = "utf-8") -> tuple[str, str, int]:
+    """(statement name, SQL text, offset of the parameter-type section) of a Parse message; the
+    text read with ``codec``, the session's client encoding."""
     stop = _cstring_end(msg, 5, "Parse")
     end = _cstring_end(msg, stop + 1, "Parse")
-    return msg[5:stop].decode(errors="replace"), msg[stop + 1 : end].decode(errors="replace"), end + 1
+    return msg[5:stop].decode(errors="replace"), msg[stop + 1 : end].decode(codec, errors="replace"), end + 1
 
 
 def unnamed_parse(msg: bytes) -> bytes:
