@@ -459,9 +459,9 @@ class ReplicationConnection:
         """START_REPLICATION SLOT slot LOGICAL start_lsn (proto_version '1', publication_names …).
 
         Returns this connection as an async iterator of ChangeEvents; a connection streams once
-        (after stop() its other commands still work). ``start_lsn`` 0 means the
-        slot's confirmed position; the server never goes back further than that, whatever is
-        asked. ``messages`` adds pg_logical_emit_message() output (LogicalMessage).
+        (after stop() its other commands still work). ``start_lsn`` 0 means the slot's confirmed
+        position; the server never goes back further than that, whatever is asked. ``messages``
+        adds pg_logical_emit_message() output (LogicalMessage).
 
         ``advance_when_idle`` (off by default: only confirmed positions are reported) also
         reports the server's sent position from its last keepalive as flushed, but only while

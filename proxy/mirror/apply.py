@@ -442,9 +442,13 @@ class ApplyStream(BackendSink):
         found: dict[_TableKey, TableMeta | str] = {}
         lookups: list[_Lookup] = []
         for write in block.txn.writes:
-            if write.kind is not WriteKind.IMAGE or write.image is None or not write.image.rows:
+            if write.kind is WriteKind.COPY and write.copy_columns is not None and write.copy_table:
+                table = write.copy_table
+            elif write.kind is WriteKind.IMAGE and write.image is not None and write.image.rows:
+                table = write.image.table
+            else:
                 continue
-            key = (search_path, write.image.table)
+            key = (search_path, table)
             if key in found:
                 continue
             meta = self._catalog.get(key)
@@ -488,6 +492,14 @@ class ApplyStream(BackendSink):
         # The Bind names the unnamed portal (one byte) and statement (one byte): name the statement.
         return out + frame(FrontendCode.BIND, b"\0" + name + b"\0" + bind[7:]) + EXECUTE_ALL
 
+    @staticmethod
+    def _copy_computes(write: Write, catalog: dict[_TableKey, TableMeta | str], search_path: str | None) -> list[str]:
+        """Columns a COPY with a column list leaves to their defaults on the mirror."""
+        if write.copy_columns is None or not write.copy_table:
+            return []
+        meta = catalog.get((search_path, write.copy_table))
+        return meta.computed_when_omitted(write.copy_columns) if isinstance(meta, TableMeta) else []
+
     def _build(self, block: _TxnBlock, catalog: dict[_TableKey, TableMeta | str]) -> bytes | None:
         """The txn's block (None when a write cannot be built: then nothing of it is sent, so a
         txn is applied whole or not at all, and its divergences say why)."""
@@ -515,6 +527,13 @@ class ApplyStream(BackendSink):
                 parts.append(statement(write.sql, encoding=codec))
             elif write.kind is WriteKind.EXTENDED:
                 parts.append(self._prepared(write.parse, write.bind, fresh))
+            elif write.kind is WriteKind.COPY and (computed := self._copy_computes(write, catalog, search_path)):
+                reason = (
+                    f"COPY leaves out {', '.join(computed)}: the mirror would compute their defaults again "
+                    "(serial, identity, now(), …) instead of the primary's values"
+                )
+                failures.append(self._divergence(txn, write, "failed", reason))
+                continue
             elif write.kind is WriteKind.COPY:
                 # In copy-in mode the server takes CopyData until CopyDone, then goes on with the
                 # next message; after an error it discards everything up to the Sync.

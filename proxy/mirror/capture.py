@@ -630,7 +630,12 @@ class Capture:
             image = Image(op, plan.table or "", plan.conflict, tuple(run.rows))
             self._append(Write(WriteKind.IMAGE, plan.sql, tag, plan.fingerprint, plan.tables, image=image))
         elif run.copy is not None:
-            self._append(Write(WriteKind.COPY, plan.sql, tag, plan.fingerprint, plan.tables, copy_data=tuple(run.copy)))
+            self._append(
+                Write(
+                    WriteKind.COPY, plan.sql, tag, plan.fingerprint, plan.tables, copy_data=tuple(run.copy),
+                    copy_table=plan.tables[0] if plan.tables else "", copy_columns=plan.copy_columns,
+                )
+            )  # fmt: skip
         elif run.bind:
             self._append(
                 Write(WriteKind.EXTENDED, plan.sql, tag, plan.fingerprint, plan.tables, parse=run.parse, bind=run.bind)

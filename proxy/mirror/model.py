@@ -43,6 +43,10 @@ class Write:
     parse: bytes = b""  # EXTENDED: a Parse frame of the unnamed statement
     bind: bytes = b""  # EXTENDED: a Bind frame (unnamed portal and statement), result formats emptied
     copy_data: tuple[bytes, ...] = ()  # COPY: whole CopyData frames, in order
+    # COPY with a column list: the target (as written) and the columns; the others get their
+    # defaults, which the mirror would compute again (checked against its catalog first)
+    copy_table: str = ""
+    copy_columns: tuple[str, ...] | None = None
     image: Image | None = None
 
     @property

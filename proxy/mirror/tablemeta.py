@@ -13,7 +13,7 @@ from proxy.mirror.model import Image, ImageOp
 # looked up in a block of its own (an error there fails only that lookup).
 CATALOG_SQL = (
     "SELECT a.attname, a.attgenerated <> '', a.attidentity = 'a',"
-    " coalesce(a.attnum = ANY (i.indkey), false)"
+    " coalesce(a.attnum = ANY (i.indkey), false), (a.atthasdef OR a.attidentity <> '') AND a.attgenerated = ''"
     " FROM pg_catalog.pg_attribute a"
     " LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary"
     " WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped"
@@ -29,6 +29,7 @@ class Column:
     generated: bool  # GENERATED ALWAYS AS (…) STORED: never written
     identity_always: bool  # GENERATED ALWAYS AS IDENTITY: written only with OVERRIDING SYSTEM VALUE
     primary_key: bool
+    defaulted: bool = False  # a DEFAULT or identity: a value computed when a row omits it
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +56,15 @@ class TableMeta:
                 generated=generated == b"t",
                 identity_always=identity == b"t",
                 primary_key=pk == b"t",
+                defaulted=defaulted == b"t",
             )
-            for name, generated, identity, pk in rows
+            for name, generated, identity, pk, defaulted in rows
         )
         return cls(table, columns)
+
+    def computed_when_omitted(self, given: tuple[str, ...]) -> list[str]:
+        """Columns a row that gives only ``given`` gets a computed value for (COPY t (a, b) …)."""
+        return [c.name for c in self.columns if c.defaulted and c.name not in given]
 
 
 class ImageError(Exception):
