@@ -9,12 +9,13 @@ the changes arrive as pgoutput messages inside XLogData.
 Flow control of the stream, and why it is safe:
 
 * The consumer calls ``confirm(lsn)`` once the target has *committed* everything up to ``lsn``
-  (a Commit's ``end_lsn``). Only that position is ever reported to the server as flushed, so the
-  slot's confirmed_flush_lsn, and with it the point a restart streams from, never passes what the
-  target holds: after a crash of anything, the unconfirmed transactions come again.
+  (a Commit's ``end_lsn``). Only that position is reported to the server as flushed (unless the
+  consumer opts into ``advance_when_idle``, see start()), so the slot's confirmed_flush_lsn, and
+  with it the point a restart streams from, never passes what the target holds: after a crash of
+  anything, the unconfirmed transactions come again.
 * Keepalives that ask for a reply are answered from the receive callback, and a status update
   goes out every ``status_interval`` seconds from a timer, so neither depends on how fast the
-  consumer iterates. While the consumer lags by more than a few MB, reading from the socket pauses
+  consumer iterates. While the consumer lags by more than QUEUE_HIGH_WATER bytes, reading pauses
   (the server then waits; it still gets our periodic status updates, so it does not time us out).
 """
 

@@ -322,11 +322,19 @@ class Capture:
             self._prepared[name] = prepared
         return prepared
 
+    def _unrewritable(self, table: str | None) -> bool:
+        """Whether appending RETURNING to a write on ``table`` would break it for this user."""
+        names = self.manager.rewritable(self.database, self.user)
+        if not names or not table:
+            return False
+        bare = table.rsplit(".", 1)[-1]
+        return table.replace('"', "") in names or bare.strip('"') in names
+
     def _run_for(self, plan: StatementPlan, policy: Policy, *, rewritten: bool | None = None) -> _Run:
         action = plan.action
         if action is Action.IMAGE:
             if rewritten is None:
-                rewritten = plan.rewritten is not None
+                rewritten = plan.rewritten is not None and not self._unrewritable(plan.table)
             if rewritten:
                 return _Run(plan, "image", rewritten=True)
             return _Run(plan, "note", rewritten=False)  # prepared before capture: no image column
@@ -603,13 +611,16 @@ class Capture:
             return
         if run.mode == "none":
             return
+        if plan.action is Action.DDL:
+            self.manager.forget_targets()  # (privileges, rules, policies may have changed)
         if run.mode in ("note", "overflow"):
             if run.mode == "overflow":
                 reason = "transaction larger than mirror.queue_bytes: not mirrored"
             elif plan.action is Action.IMAGE:
                 reason = (
-                    "no row images: the statement was prepared before dual write began, or the session's "
-                    "client_encoding is one pgshift cannot read; not mirrored"
+                    "no row images: RETURNING would fail or change the statement for this role (no SELECT "
+                    "privilege, row security, rules, a foreign table), the statement was prepared before dual "
+                    "write began, or the session's client_encoding is one pgshift cannot read; not mirrored"
                 )
             elif plan.action is Action.DDL:
                 reason = 'DDL ran on the primary only (mirror.ddl = "primary_only")'

@@ -25,6 +25,7 @@ from proxy.mirror.journal import Journal
 from proxy.mirror.model import Divergence, Txn, Write
 from proxy.mirror.plan import PlanCache, StatementPlan, rewrite_parse
 from proxy.routing import Live
+from proxy.wire.messages import decode_data_row
 
 if TYPE_CHECKING:
     from proxy.mirror.capture import Capture
@@ -32,6 +33,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _REWRITTEN_CACHE = 4096
+# Tables a write must not be rewritten for (RETURNING of the whole row would fail or change what
+# the statement does): no SELECT privilege for the session's role (insert-only audit tables),
+# row-level security, rewrite rules other than a view's own (DO INSTEAD), foreign tables.
+TARGETS_SQL = (
+    "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.relkind IN ('r', 'p', 'v', 'f') AND n.nspname <> 'information_schema'"
+    " AND n.nspname NOT LIKE 'pg\\_%'"
+    " AND (c.relkind = 'f' OR c.relrowsecurity OR NOT pg_catalog.has_table_privilege(c.oid, 'SELECT')"
+    " OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r WHERE r.ev_class = c.oid AND r.rulename <> '_RETURN'))"
+)
 _WATCH_INTERVAL = 0.5
 _STATEMENT_CHARS = 500
 
@@ -62,6 +74,7 @@ class MirrorManager:
         self._plans_for: MirrorConfig | None = None
         self._plans = PlanCache(functions_write=False)
         self._rewritten: OrderedDict[bytes, bytes] = OrderedDict()
+        self._unrewritable: dict[tuple[str, str], frozenset[str]] = {}
         self._watch: asyncio.Task[None] | None = None
         self._waiting: set[asyncio.Task[None]] = set()  # sync-mode commits waiting for their mirrors
         self._default = Policy("async", 0.0, "record")
@@ -94,6 +107,28 @@ class MirrorManager:
         if writer == table.primary:
             return table.mirrors
         return tuple(name for name in (table.primary, *table.mirrors) if name != writer)
+
+    def rewritable(self, database: str, user: str) -> frozenset[str] | None:
+        """Names of the tables ``user`` must not have writes rewritten for in ``database``
+        (bare and schema-qualified); None: not asked yet."""
+        return self._unrewritable.get((database, user))
+
+    def learn_targets(self, database: str, user: str, replies: list[bytes]) -> None:
+        names: set[str] = set()
+        if any(m[:1] == b"E" for m in replies):
+            # Could not ask (it should not happen): rewrite as usual; a failure will show.
+            log.warning("dual write: cannot list the tables %s may not read in %s", user, database)
+        for message in replies:
+            if message[:1] == b"D":
+                row = decode_data_row(message[5:])
+                if len(row) == 2 and row[0] is not None and row[1] is not None:
+                    schema, table = row[0].decode(errors="replace"), row[1].decode(errors="replace")
+                    names.update((table, f"{schema}.{table}"))
+        self._unrewritable[(database, user)] = frozenset(names)
+
+    def forget_targets(self) -> None:
+        """After DDL through the proxy: privileges, rules, policies may have changed; ask again."""
+        self._unrewritable.clear()
 
     def rewritten_parse(self, raw: bytes, sql: str, codec: str) -> bytes:
         """The Parse frame with the row-image column added: built once per distinct frame (the

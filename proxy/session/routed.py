@@ -21,11 +21,13 @@ import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from proxy.backends.connection import BackendConnection
 from proxy.errors import PgShiftError, ProtocolViolation
 from proxy.mirror.capture import Capture, Rejected
+from proxy.mirror.manager import TARGETS_SQL
 from proxy.mirror.settings import REPORTED, SessionSettings, from_startup
 from proxy.observability import LATENCY_BUCKETS, SUM
 from proxy.routing import Plan, Reason, RoutingTable, needs_catalog, plan
@@ -118,7 +120,9 @@ class RoutedSession(Session):
         self._unnamed_parse: bytes | None = None  # re-sent when the unnamed statement must move
         self._busy: dict[str, tuple[float, list[float]]] = {}  # backend → (request start, latency series)
         self._lookups: set[str] = set()  # function names to ask the primary's pg_proc about
-        self._asked: deque[set[str]] = deque()  # lookups in flight, in order
+        # What to do with the answers of the proxy's own queries on the primary, in order
+        # (function volatility lookups; dual write's probe of the targets it may rewrite).
+        self._asked: deque[Callable[[list[bytes]], None]] = deque()
         self._capture: Capture | None = None  # dual write: set once mirroring reaches this session
         self._captured_on: BackendConnection | None = None  # the primary connection it taps
         self._rewritten: dict[str, bytes] = {}  # Parse frames capture rewrote, by statement name
@@ -250,6 +254,14 @@ class RoutedSession(Session):
             primary = self.ctx.live.table.primary
             if primary != self.primary:
                 self._move(primary)
+            mirror = self.ctx.mirror
+            if mirror.active() and mirror.rewritable(self._database, self.user) is None:
+                conn = self.backends.get(self.primary)
+                if conn is not None:
+                    self._probe_targets(conn)
+                    if whole is not None:  # it came by the fast lane: it waits in line like the rest
+                        self._requests.append(request)
+                    return False
             try:
                 info = scan(request, self.ctx.analysis, self._statements.analyses)
             except ProtocolViolation as exc:
@@ -381,7 +393,7 @@ class RoutedSession(Session):
         # (A simple Query would destroy the unnamed statement a Bind of this request may use.)
         if self._lookups and name == self.primary and not info.unnamed_used:
             names, self._lookups = self._lookups, set()
-            self._asked.append(names)
+            self._asked.append(functools.partial(self.ctx.catalog.learn, self._database, names))
             expected.push_frontend(FrontendCode.QUERY, capture=True)
             out.append(Query(lookup_sql(names)).encode())
         if info.unnamed_used and self._unnamed_at is None and self._unnamed_parse is not None:
@@ -514,7 +526,23 @@ class RoutedSession(Session):
 
     def _catalog_answer(self, replies: list[bytes]) -> None:
         if self._asked:
-            self.ctx.catalog.learn(self._database, self._asked.popleft(), replies)
+            self._asked.popleft()(replies)
+
+    def _probe_targets(self, primary: BackendConnection) -> None:
+        """Dual write needs to know, before it rewrites a write to return its row image, which
+        tables that would break for this user (no SELECT privilege, row security, rules, foreign
+        tables): asked once per database and user, with the session's requests waiting."""
+        database, user = self._database, self.user
+        self._asked.append(functools.partial(self._targets_known, database, user))
+        primary.expected.push_frontend(FrontendCode.QUERY, capture=True)
+        primary.send(Query(TARGETS_SQL).encode())
+        self._blocked = True
+
+    def _targets_known(self, database: str, user: str, replies: list[bytes]) -> None:
+        self.ctx.mirror.learn_targets(database, user, replies)
+        self._blocked = False
+        # (Not from inside the reply scanner that delivered the answer: on the next loop turn.)
+        asyncio.get_running_loop().call_soon(self._pump)
 
     def _pin(self, causes: set[Pin] | frozenset[Pin]) -> None:
         for cause in causes - self.pinned:

@@ -75,12 +75,20 @@ class FakeManager:
         self.commits: list[tuple[tuple[tuple[str, str], ...], tuple[Write, ...]]] = []
         self.notes: list[tuple[str, StatementPlan, str]] = []
         self.wait: asyncio.Future[str | None] | None = None
+        self.unrewritable: frozenset[str] = frozenset()
+        self.forgotten = 0
 
     def policy(self, user: str, application_name: str, tables: tuple[str, ...] = ()) -> Policy:
         return Policy(self.config.mode, self.config.sync_timeout, self.config.unsafe)
 
-    def rewritten_parse(self, raw: bytes, sql: str) -> bytes:
-        return rewrite_parse(raw, sql)
+    def rewritten_parse(self, raw: bytes, sql: str, codec: str) -> bytes:
+        return rewrite_parse(raw, sql, encoding=codec)
+
+    def rewritable(self, database: str, user: str) -> frozenset[str]:
+        return self.unrewritable
+
+    def forget_targets(self) -> None:
+        self.forgotten += 1
 
     def commit(
         self, capture: Capture, settings: Any, writes: tuple[Write, ...], size: int
@@ -306,3 +314,18 @@ def test_mirror_config_errors_name_the_setting() -> None:
         parse_config({**base, "routing": {"primary": "old"}, "mirror": {"rules": [{"mode": "sync"}]}})
     with pytest.raises(ConfigError, match=r"mirror\.queue_bytes"):
         parse_config({**base, "routing": {"primary": "old"}, "mirror": {"queue_bytes": 10}})
+
+
+def test_no_rewrite_where_returning_would_break_the_write() -> None:
+    """Tables the role cannot SELECT (or with rules, row security): the write runs as the client
+    sent it, and the transaction's journal entry says it was not mirrored."""
+    manager = FakeManager()
+    manager.unrewritable = frozenset({"audit", "public.audit"})
+    capture, _, _ = make(manager)
+    assert capture.request(frames_of(Query("insert into public.audit (note) values ('x')").encode())) is None
+    capture.feed(complete("INSERT 0 1") + ready())
+    assert manager.commits == [] and manager.notes[0][0] == "unmirrored"
+    assert "RETURNING would fail" in manager.notes[0][2]
+    capture.request(frames_of(Query("create table y (a int)").encode()))
+    capture.feed(complete("CREATE TABLE") + ready())
+    assert manager.forgotten == 1  # DDL: asked again
