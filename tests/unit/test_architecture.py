@@ -19,6 +19,8 @@ ALLOWED: dict[str, set[str]] = {
     "sql": {"errors", "config"},
     "routing": {"errors", "config", "sql"},
     "backends": {"errors", "config", "wire", "observability"},
+    # change data capture from the old database: pgoutput decoding, the replication connection
+    "cdc": {"errors", "config", "wire", "backends"},
     # dual write: capture (used by sessions) and the apply streams (own backend connections)
     "mirror": {"errors", "config", "wire", "backends", "routing", "sql"},
     "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability", "mirror"},
@@ -38,6 +40,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "control": {"pglast", "aiohttp"},
     "sql": {"asyncio", "socket", "httpx", "asyncpg"},
     "mirror": {"asyncpg"},  # replays the client's own frames: our wire codec, not a driver
+    "cdc": {"asyncpg", "pglast"},  # the replication protocol on our own codec
 }
 
 
