@@ -189,6 +189,9 @@ class Capture:
         # read is planned (read as latin-1: bytes kept) but never rewritten.
         codec = self.settings.codec()
         read_as = codec or "latin-1"
+        # (Row images are the server's text output: with extra_float_digits below 1 it rounds
+        # float8 values, so such a session's writes are not rewritten.)
+        images = codec is not None and self.settings.exact_floats()
         for code, raw in frames:
             kind = _FRONT.get(code)
             if self._skip_until_sync:
@@ -212,7 +215,7 @@ class Capture:
             if kind == _QUERY:
                 sql = raw[5:-1].decode(read_as, errors="replace")
                 plans = self.manager.plans.get(sql)
-                runs = [self._run_for(plan, policy, rewritten=None if codec else False) for plan in plans]
+                runs = [self._run_for(plan, policy, rewritten=None if images else False) for plan in plans]
                 if any(r.rewritten for r in runs) and codec is not None:
                     # (each on its own line: a statement may end in a -- comment)
                     text = "\n;\n".join(
@@ -229,7 +232,7 @@ class Capture:
                 plans = self.manager.plans.get(sql)
                 plan = plans[0] if len(plans) == 1 else _NOT_MIRRORED
                 # (checks the policies now: before anything runs)
-                run = self._run_for(plan, policy, rewritten=None if codec else False)
+                run = self._run_for(plan, policy, rewritten=None if images else False)
                 if run.rewritten and plan.rewritten and codec is not None:
                     raw = self.manager.rewritten_parse(raw, plan.rewritten, codec)
                     changed = True
@@ -269,7 +272,9 @@ class Capture:
                     described = portal_run.plan if portal_run is not None and portal_run.rewritten else None
                 entries.append(_Entry(_DESCRIBE, plan=described))
             elif kind == _EXECUTE:
-                stop = raw.index(b"\x00", 5)
+                stop = raw.find(b"\x00", 5)
+                if stop < 0 or len(raw) != stop + 5:
+                    raise ProtocolViolation("malformed Execute message")
                 name = raw[5:stop].decode(errors="replace")
                 portal_run = self._portals.get(name) or _Run(_NOT_MIRRORED, "none", rewritten=False)
                 if portal_run.copy is not None:

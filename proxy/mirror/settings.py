@@ -183,6 +183,15 @@ class SessionSettings:
                 return codec_for(layer["client_encoding"])
         return codec_for(self._committed.get("client_encoding"))
 
+    def exact_floats(self) -> bool:
+        """Whether float8 values print exactly (extra_float_digits >= 1, Postgres' default)."""
+        value = self._local.get("extra_float_digits") or self._tx.get("extra_float_digits")
+        value = value or self._committed.get("extra_float_digits")
+        try:
+            return value is None or int(value) >= 1
+        except ValueError:
+            return True
+
     def savepoint(self) -> tuple[dict[str, str | None], dict[str, str | None]]:
         return dict(self._tx), dict(self._local)
 

@@ -329,3 +329,18 @@ def test_no_rewrite_where_returning_would_break_the_write() -> None:
     capture.request(frames_of(Query("create table y (a int)").encode()))
     capture.feed(complete("CREATE TABLE") + ready())
     assert manager.forgotten == 1  # DDL: asked again
+
+
+def test_rounded_float_output_means_no_row_images() -> None:
+    capture, manager, _ = make(extra_float_digits="0")
+    assert capture.request(frames_of(Query("insert into t (x) values (0.1)").encode())) is None
+    capture.feed(complete("INSERT 0 1") + ready())
+    assert manager.commits == [] and manager.notes[0][0] == "unmirrored"
+    capture, manager, _ = make(extra_float_digits="3")
+    assert capture.request(frames_of(Query("insert into t (x) values (0.1)").encode())) is not None
+
+
+def test_malformed_execute_is_a_protocol_violation() -> None:
+    capture, _, _ = make()
+    with pytest.raises(ProtocolViolation, match="Execute"):
+        capture.request(frames_of(msg(b"E", cstr("") + b"\x00\x00"), SYNC))
