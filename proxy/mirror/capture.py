@@ -102,7 +102,7 @@ class _Entry:
         self.sent = 0  # EXECUTE with a limit: rows passed to the client
         # No DataRow of this entry is edited (no image column, no lifted limit): they pass as
         # they are, without a call per row (a large SELECT result through a mirroring session).
-        self.plain_rows = runs is None or not any(run.rewritten for run in runs)
+        self.plain_rows = not runs or (not runs[0].rewritten if len(runs) == 1 else not any(r.rewritten for r in runs))
         self.prepared: tuple[str, _Prepared] | None = None  # PARSE: the statement it makes
 
 

@@ -75,6 +75,7 @@ class MirrorManager:
         self._plans = PlanCache(functions_write=False)
         self._rewritten: OrderedDict[bytes, bytes] = OrderedDict()
         self._unrewritable: dict[tuple[str, str], frozenset[str]] = {}
+        self.targets_generation = 0  # bumped when they are to be asked again (sessions check it cheaply)
         self._watch: asyncio.Task[None] | None = None
         self._waiting: set[asyncio.Task[None]] = set()  # sync-mode commits waiting for their mirrors
         self._default = Policy("async", 0.0, "record")
@@ -129,6 +130,7 @@ class MirrorManager:
     def forget_targets(self) -> None:
         """After DDL through the proxy: privileges, rules, policies may have changed; ask again."""
         self._unrewritable.clear()
+        self.targets_generation += 1
 
     def rewritten_parse(self, raw: bytes, sql: str, codec: str) -> bytes:
         """The Parse frame with the row-image column added: built once per distinct frame (the

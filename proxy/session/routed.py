@@ -127,6 +127,7 @@ class RoutedSession(Session):
         self._captured_on: BackendConnection | None = None  # the primary connection it taps
         self._rewritten: dict[str, bytes] = {}  # Parse frames capture rewrote, by statement name
         self._refused = False  # the request being forwarded was replaced by a policy's refusal
+        self._targets_seen = -1  # the mirror's targets_generation this session knows its targets for
 
     # --- lifecycle hooks ------------------------------------------------------------------
 
@@ -255,13 +256,16 @@ class RoutedSession(Session):
             if primary != self.primary:
                 self._move(primary)
             mirror = self.ctx.mirror
-            if mirror.active() and mirror.rewritable(self._database, self.user) is None:
-                conn = self.backends.get(self.primary)
-                if conn is not None:
-                    self._probe_targets(conn)
-                    if whole is not None:  # it came by the fast lane: it waits in line like the rest
-                        self._requests.append(request)
-                    return False
+            if mirror.targets_generation != self._targets_seen and mirror.active():
+                if mirror.rewritable(self._database, self.user) is not None:
+                    self._targets_seen = mirror.targets_generation  # (known: not looked at again)
+                else:
+                    conn = self.backends.get(self.primary)
+                    if conn is not None:
+                        self._probe_targets(conn)
+                        if whole is not None:  # it came by the fast lane: it waits in line like the rest
+                            self._requests.append(request)
+                        return False
             try:
                 info = scan(request, self.ctx.analysis, self._statements.analyses)
             except ProtocolViolation as exc:
