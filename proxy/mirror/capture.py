@@ -157,7 +157,6 @@ class Capture:
         self._marks: list[tuple[str, int, int, tuple[dict[str, str | None], dict[str, str | None]]]] = []
         self._size = 0
         self._failed = False
-        self._in_tx = False
         self._tx_settings: tuple[tuple[str, str], ...] | None = None
         self._last_settings: tuple[tuple[str, str], ...] = ()
         # sync mode: replies held until the mirrors confirmed
@@ -470,14 +469,7 @@ class Capture:
     def _image_rows(self) -> bool:
         """Whether a DataRow of the head entry must be seen whole (to take its image column out,
         or to hold it back past a lifted row limit)."""
-        head = self._fifo[0] if self._fifo else None
-        if head is None or head.runs is None:
-            return False
-        if head.limit:
-            return True
-        runs = head.runs
-        run = runs[head.index] if head.kind == _QUERY and head.index < len(runs) else runs[0]
-        return run.rewritten
+        return bool(self._fifo) and not self._fifo[0].plain_rows
 
     def _current_run(self, head: _Entry) -> _Run | None:
         runs = head.runs
@@ -680,9 +672,7 @@ class Capture:
 
     def _transaction_step(self, plan: StatementPlan, tag: str) -> None:
         op = plan.tx_op
-        if op is TxOp.BEGIN:
-            self._in_tx = True
-        elif op is TxOp.COMMIT:
+        if op is TxOp.COMMIT:
             if tag == "COMMIT" and not self._failed:
                 self._commit()
             else:
@@ -690,7 +680,6 @@ class Capture:
         elif op is TxOp.ROLLBACK:
             self._discard()
         elif op is TxOp.SAVEPOINT and plan.savepoint is not None:
-            self._in_tx = True
             self._marks.append((plan.savepoint, len(self._buffer), self._size, self.settings.savepoint()))
         elif op is TxOp.RELEASE and plan.savepoint is not None:
             index = self._mark(plan.savepoint)
@@ -720,8 +709,6 @@ class Capture:
 
     def _ready(self, status: int) -> None:
         if status != _IDLE:
-            if not self._in_tx:
-                self._in_tx = True
             return
         if self._buffer and not self._failed:
             self._commit()
@@ -730,7 +717,6 @@ class Capture:
             self._buffer = []
             self._reset(committed=not self._failed)
         self._failed = False
-        self._in_tx = False
 
     def _tables(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
@@ -763,7 +749,6 @@ class Capture:
         self._marks.clear()
         self._size = 0
         self._failed = False
-        self._in_tx = False
         self._tx_settings = None
         self.settings.end_transaction(committed)
 

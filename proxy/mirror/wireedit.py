@@ -139,19 +139,6 @@ def with_row_count(msg: bytes, rows: int) -> bytes:
     return _message(b"C", f"{head} {rows}".encode() + b"\x00")
 
 
-def error_fields(msg: bytes) -> dict[str, str]:
-    """ErrorResponse/NoticeResponse fields by their code letter."""
-    fields: dict[str, str] = {}
-    pos = 5
-    while pos < len(msg) and msg[pos]:
-        end = msg.find(b"\x00", pos + 1)
-        if end < 0:
-            break
-        fields[chr(msg[pos])] = msg[pos + 1 : end].decode(errors="replace")
-        pos = end + 1
-    return fields
-
-
 def notice(severity: str, sqlstate: str, message: str, detail: str = "") -> bytes:
     """A NoticeResponse the proxy adds (e.g. a sync mirror that did not confirm in time)."""
     body = b"S" + severity.encode() + b"\x00V" + severity.encode() + b"\x00C" + sqlstate.encode() + b"\x00"
