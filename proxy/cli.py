@@ -1,5 +1,6 @@
-"""Command line: `pgshift serve | passwd | demo`, and the operator commands that call a running proxy's
-admin API: `status | weights set | flip | rollback | history | reload` (also `python -m proxy …`)."""
+"""Command line: `pgshift serve | passwd | demo`, the operator commands that call a running proxy's
+admin API: `status | weights set | flip | rollback | history | reload` (also `python -m proxy …`),
+and `sync check | sync sequences`, which talk to the backends themselves."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from proxy.admin.render import clean, history_lines, mirror_lines, status_lines
 from proxy.errors import ConfigError, PgShiftError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
     from proxy.admin.client import AdminClient
+    from proxy.cdc.sqlconn import Endpoint
 
 EXIT_USAGE = 2  # usage error, or a local configuration problem (argparse exits 2 too)
 
@@ -238,6 +240,85 @@ def _cmd_mirror_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sync: bring a new database in line with the old one (issue 6) ----------------------------
+
+SYNC_EXIT_CODES = """\
+exit codes (sync commands):
+  0  everything is in order (check: ready to sync; sequences: every sequence set or already past)
+  1  problems found: each is listed with what to do (check), or a sequence is missing on the target,
+     unreadable, or could not be set (sequences)
+  2  usage error, or a local configuration problem (unknown backend, bad --config)
+  3  a database could not be reached (or refused the login); the message names the backend
+
+--from and --to name backends of --config ([backends.NAME]). The account: --user if given, else the
+backend's mirror_user, else the user of its dsn; the database: --database, else the dsn's, else the
+user's name."""
+
+
+def _sync_endpoints(args: argparse.Namespace) -> tuple[Endpoint, Endpoint]:
+    from proxy.cdc.sqlconn import resolve_endpoint
+    from proxy.config import load_config
+
+    if args.source == args.target:
+        raise ConfigError(f"--from and --to name the same backend ({args.source!r})")
+    config = load_config(args.config)
+    source = resolve_endpoint(config, args.source, user=args.user, database=args.database)
+    target = resolve_endpoint(config, args.target, user=args.user, database=args.database)
+    return source, target
+
+
+def _sync_run(work: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run ``work`` (a coroutine function); an unreachable database is exit 3, not 2."""
+    import asyncio
+
+    from proxy.cdc.sqlconn import DatabaseUnreachable
+
+    try:
+        return asyncio.run(work())
+    except DatabaseUnreachable as exc:
+        print(f"pgshift: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _cmd_sync_check(args: argparse.Namespace) -> int:
+    from proxy.cdc.checks import report_lines, run_check
+
+    source, target = _sync_endpoints(args)
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables is not None else None
+    if tables == []:
+        raise ConfigError("--tables names no table")
+
+    async def work() -> int:
+        report = await run_check(source, target, tables)
+        if args.json:
+            _print_json(report.as_dict())
+        else:
+            for line in report_lines(report):
+                print(clean(line))
+        return 0 if report.ok else 1
+
+    return _sync_run(work)
+
+
+def _cmd_sync_sequences(args: argparse.Namespace) -> int:
+    from proxy.cdc.sequences import report_lines, sync_sequences
+
+    source, target = _sync_endpoints(args)
+
+    async def work() -> int:
+        report = await sync_sequences(source, target, margin=args.margin, dry_run=args.dry_run)
+        if args.json:
+            _print_json(report.as_dict())
+        else:
+            for line in report_lines(report):
+                print(clean(line))
+        return 0 if report.ok else 1
+
+    return _sync_run(work)
+
+
 def _count(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         if not re.fullmatch(r"[0-9]+", text) or int(text) < minimum:
@@ -385,6 +466,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--repaired", action="store_true", help="its out-of-sync tables were repaired: clear them from the journal"
     )
     mirror_resume.set_defaults(func=_cmd_mirror_resume)
+
+    # sync: the prerequisites of a sync, and the sequences before a cut-over.
+    sync_common = argparse.ArgumentParser(add_help=False)
+    sync_common.add_argument(
+        "--config", type=Path, default=Path("config.toml"), metavar="PATH", help="default: ./config.toml"
+    )
+    sync_common.add_argument("--from", dest="source", required=True, metavar="OLD", help="the source backend")
+    sync_common.add_argument("--to", dest="target", required=True, metavar="NEW", help="the target backend")
+    sync_common.add_argument("--user", help="connect as this user on both (default: mirror_user, else the dsn's)")
+    sync_common.add_argument("--database", help="database on both (default: the dsn's, else the user's name)")
+    sync_common.add_argument("--json", action="store_true", help="machine-readable output")
+    sync = sub.add_parser("sync", help="bring a new database in sync with the old one (check, sequences)")
+    sync_sub = sync.add_subparsers(dest="sync_command", required=True, metavar="ACTION")
+    sync_check = sync_sub.add_parser(
+        "check", help="check every prerequisite of a sync; list each problem with its fix",
+        description="Check the source (wal_level, free replication slots and WAL senders, the user's REPLICATION "
+        "and publication rights) and every table (primary key or replica identity on the source; the same table, "
+        "columns and types on the target). Reports every problem at once, each with what to do.",
+        parents=[sync_common], epilog=SYNC_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sync_check.add_argument(
+        "--tables", metavar="T1,T2",
+        help="check only these tables (optionally schema-qualified); default: every table but pgshift_*",
+    )  # fmt: skip
+    sync_check.set_defaults(func=_cmd_sync_check)
+    sync_sequences = sync_sub.add_parser(
+        "sequences", help="set every sequence on the target past the source's value (before a cut-over)",
+        description="Set every sequence on the target (serial, identity and standalone; matched by schema-qualified "
+        "name) to max(source value, largest value of its owning column on the target) + margin, unless it is "
+        "already past that.",
+        parents=[sync_common], epilog=SYNC_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sync_sequences.add_argument(
+        "--margin", type=_count(0), default=1000, metavar="N",
+        help="room for rows the source writes after this runs (default 1000)",
+    )  # fmt: skip
+    sync_sequences.add_argument("--dry-run", action="store_true", help="report what would be set; change nothing")
+    sync_sequences.set_defaults(func=_cmd_sync_sequences)
     return parser
 
 

@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "admin": {"errors", "config", "server", "control", "observability"},
     "app": {"errors", "config", "server", "routing", "observability", "control", "admin"},
     "demo": {"errors", "config", "localpg", "app"},
-    "cli": {"errors", "config", "app", "demo", "wire", "localpg", "admin"},
+    "cli": {"errors", "config", "app", "demo", "wire", "localpg", "admin", "cdc"},
     "__main__": {"cli"},
     "__init__": set(),
 }

@@ -1,0 +1,254 @@
+"""A plain SQL connection to a configured backend on our own wire codec, for the sync tools' catalog queries.
+
+The sync tools (``sync check``, ``sync sequences``) only read catalogs and call ``setval``: a
+simple-query client is enough, and it keeps the cdc layer on our codec (no driver), as the
+replication connection is. Queries return text; the tools ask the server for one JSON document
+per query (``json_agg``), so types (booleans, numbers, NULLs, names with odd characters) survive
+without a text-format parser per type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from proxy.backends.connection import BackendConnection, BackendSink
+from proxy.config import BackendAddress, Config
+from proxy.errors import (
+    BackendAuthFailed,
+    BackendRejected,
+    BackendUnavailable,
+    ConfigError,
+    PgShiftError,
+    ProtocolViolation,
+)
+from proxy.wire.codes import BackendCode
+from proxy.wire.framing import FrameReader
+from proxy.wire.messages import ErrorResponse, Query, decode_data_row
+
+# Catalog answers are small; a generous bound still stops a runaway reply.
+MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+EXIT_UNREACHABLE = 3
+
+_DATA_ROW = BackendCode.DATA_ROW.value
+_ERROR = BackendCode.ERROR_RESPONSE.value
+_READY = BackendCode.READY_FOR_QUERY.value
+
+
+class DatabaseUnreachable(PgShiftError):
+    """A backend could not be connected to (or its connection was lost): the CLI exits 3."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class SqlError(PgShiftError):
+    """The server answered a query with an ErrorResponse."""
+
+    def __init__(self, message: str, *, sqlstate: str, detail: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, detail=detail, hint=hint)
+        self.sqlstate = sqlstate
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    # E'' with backslashes doubled means the same whatever standard_conforming_strings is.
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def qualified(schema: str, name: str) -> str:
+    """schema.name quoted for SQL."""
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A configured backend and the account the sync tools use on it."""
+
+    backend: str  # the name in [backends.NAME]
+    address: BackendAddress
+    user: str
+    database: str
+    password: str | None  # None: ~/.pgpass, or no password (trust)
+
+    def label(self) -> str:
+        return f'backend "{self.backend}" ({self.address.label()}, database {self.database}, user {self.user})'
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "address": self.address.label(),
+            "database": self.database,
+            "user": self.user,
+        }
+
+
+def resolve_endpoint(config: Config, name: str, *, user: str | None = None, database: str | None = None) -> Endpoint:
+    """The backend ``name`` of the config as an Endpoint.
+
+    User: ``user`` if given, else the backend's mirror_user, else the dsn's user (its
+    apply_account: the account that writes on a new database already). Database: ``database``,
+    else the dsn's, else the user's name (as libpq does)."""
+    backend = config.backends.get(name)
+    if backend is None:
+        known = ", ".join(sorted(config.backends))
+        raise ConfigError(f"no backend {name!r} in the config (backends: {known})")
+    address = backend.address
+    account = backend.apply_account
+    if user:
+        # An account of the operator's choosing: the dsn's password (or ~/.pgpass), not the mirror's.
+        password = address.password
+    elif account is not None:
+        user, password = account
+    else:
+        raise ConfigError(
+            f'backend "{name}" names no user: set backends.{name}.mirror_user, a user in its dsn, or pass --user'
+        )
+    return Endpoint(name, address, user, database or address.dbname or user, password)
+
+
+class _Framer(BackendSink):
+    def __init__(self, owner: SqlConnection) -> None:
+        self._owner = owner
+        self._reader = FrameReader(MAX_MESSAGE_SIZE)
+
+    def backend_data(self, data: bytes) -> None:
+        buf, frames = self._reader.feed(data)
+        for code, start, end in frames:
+            self._owner._received(code, buf[start + 5 : end])
+
+    def backend_lost(self, conn: BackendConnection, exc: BaseException | None) -> None:
+        self._owner._lost(exc)
+
+    def backend_write_paused(self, paused: bool) -> None:
+        pass  # we send one small query at a time
+
+    def relay_failed(self, exc: Exception) -> None:
+        self._owner._lost(exc)
+
+
+class SqlConnection:
+    """One connection, one simple query at a time; results as text. Close with ``close()`` or
+    use it as an async context manager."""
+
+    def __init__(self, conn: BackendConnection, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._conn = conn
+        self._replies: deque[tuple[int, bytes]] = deque()
+        self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._gone: PgShiftError | None = None
+
+    @classmethod
+    async def connect(cls, endpoint: Endpoint, application_name: str = "pgshift-sync") -> SqlConnection:
+        params = {
+            "user": endpoint.user,
+            "database": endpoint.database,
+            "application_name": application_name,
+            "client_encoding": "UTF8",
+        }
+        try:
+            conn = await BackendConnection.open(
+                endpoint.backend,
+                endpoint.address,
+                params,
+                password=endpoint.password,
+                scram_keys=None,
+                max_message_size=MAX_MESSAGE_SIZE,
+            )
+        except (BackendUnavailable, BackendAuthFailed, BackendRejected, ProtocolViolation) as exc:
+            # Refused logins (and a port where no Postgres answers) count as unreachable too:
+            # either way nothing can be checked there.
+            raise DatabaseUnreachable(f"cannot connect to {endpoint.label()}: {exc.message}", hint=exc.hint) from None
+        self = cls(conn, endpoint)
+        sink = _Framer(self)
+        leftover = conn.attach(sink)
+        if leftover:
+            sink.backend_data(leftover)
+        return self
+
+    async def query(self, sql: str) -> list[list[str | None]]:
+        """Run one statement; its rows, every value as text (None for NULL)."""
+        async with self._lock:
+            if self._gone is not None:
+                raise self._gone
+            self._replies.clear()
+            self._conn.send(Query(sql).encode())
+            rows: list[list[str | None]] = []
+            error: ErrorResponse | None = None
+            while True:
+                while not self._replies:
+                    if self._gone is not None:
+                        raise self._gone
+                    self._changed.clear()
+                    await self._changed.wait()
+                code, body = self._replies.popleft()
+                if code == _DATA_ROW:
+                    rows.append([None if v is None else v.decode() for v in decode_data_row(body)])
+                elif code == _ERROR:
+                    error = ErrorResponse.decode(body)
+                elif code == _READY:
+                    break
+                # (RowDescription, CommandComplete, notices, parameter changes: nothing to do)
+        if error is not None:
+            fields = error.fields
+            raise SqlError(
+                f"{self.endpoint.backend}: {fields.get('M', 'query failed')}",
+                sqlstate=fields.get("C", "XX000"),
+                detail=fields.get("D"),
+                hint=fields.get("H"),
+            )
+        return rows
+
+    async def json(self, sql: str) -> Any:
+        """Run a query that returns one JSON value (one row, one column); that value decoded."""
+        rows = await self.query(sql)
+        if len(rows) != 1 or len(rows[0]) != 1 or rows[0][0] is None:
+            raise SqlError(f"{self.endpoint.backend}: expected one JSON value, got {len(rows)} rows", sqlstate="XX000")
+        return json.loads(rows[0][0])
+
+    async def close(self) -> None:
+        self._conn.terminate()
+        await self._conn.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _received(self, code: int, body: bytes) -> None:
+        self._replies.append((code, body))
+        self._changed.set()
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if self._gone is None:
+            self._gone = DatabaseUnreachable(f"lost the connection to {self.endpoint.label()}: {exc or 'closed'}")
+        self._changed.set()
+
+
+async def connect_both(source: Endpoint, target: Endpoint) -> tuple[SqlConnection, SqlConnection]:
+    """Connect to both at once; if either fails, one DatabaseUnreachable names every failure."""
+    results = await asyncio.gather(SqlConnection.connect(source), SqlConnection.connect(target), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if not failures:
+        src, tgt = results
+        assert isinstance(src, SqlConnection) and isinstance(tgt, SqlConnection)
+        return src, tgt
+    for result in results:
+        if isinstance(result, SqlConnection):
+            await result.close()
+    for failure in failures:
+        if not isinstance(failure, DatabaseUnreachable):
+            raise failure
+    if len(failures) == 1:
+        raise failures[0]
+    raise DatabaseUnreachable("; ".join(f.message for f in failures if isinstance(f, PgShiftError)))
