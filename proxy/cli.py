@@ -282,41 +282,37 @@ def _sync_run(work: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return exc.exit_code
 
 
-def _cmd_sync_check(args: argparse.Namespace) -> int:
-    from proxy.cdc.checks import report_lines, run_check
-
+def _sync_report(args: argparse.Namespace, make: Callable[[Endpoint, Endpoint], Coroutine[Any, Any, Any]]) -> int:
+    """Run a sync tool: its report as text or --json; exit 0 when it is ok, 1 when not."""
     source, target = _sync_endpoints(args)
+
+    async def work() -> int:
+        report = await make(source, target)
+        if args.json:
+            _print_json(report.as_dict())
+        else:
+            for line in report.lines():
+                print(clean(line))
+        return 0 if report.ok else 1
+
+    return _sync_run(work)
+
+
+def _cmd_sync_check(args: argparse.Namespace) -> int:
+    from proxy.cdc.checks import run_check
+
     tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables is not None else None
     if tables == []:
         raise ConfigError("--tables names no table")
-
-    async def work() -> int:
-        report = await run_check(source, target, tables)
-        if args.json:
-            _print_json(report.as_dict())
-        else:
-            for line in report_lines(report):
-                print(clean(line))
-        return 0 if report.ok else 1
-
-    return _sync_run(work)
+    return _sync_report(args, lambda source, target: run_check(source, target, tables))
 
 
 def _cmd_sync_sequences(args: argparse.Namespace) -> int:
-    from proxy.cdc.sequences import report_lines, sync_sequences
+    from proxy.cdc.sequences import sync_sequences
 
-    source, target = _sync_endpoints(args)
-
-    async def work() -> int:
-        report = await sync_sequences(source, target, margin=args.margin, dry_run=args.dry_run)
-        if args.json:
-            _print_json(report.as_dict())
-        else:
-            for line in report_lines(report):
-                print(clean(line))
-        return 0 if report.ok else 1
-
-    return _sync_run(work)
+    return _sync_report(
+        args, lambda source, target: sync_sequences(source, target, margin=args.margin, dry_run=args.dry_run)
+    )
 
 
 def _count(minimum: int) -> Callable[[str], int]:

@@ -119,6 +119,10 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def lines(self) -> list[str]:
+        """The report as text, line by line."""
+        return report_lines(self)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,

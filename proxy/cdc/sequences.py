@@ -81,6 +81,10 @@ class SequencesReport:
             counts[result.status] = counts.get(result.status, 0) + 1
         return counts
 
+    def lines(self) -> list[str]:
+        """The report as text, line by line."""
+        return report_lines(self)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,

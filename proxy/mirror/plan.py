@@ -37,8 +37,9 @@ from proxy.sql.analysis import (
     _VOLATILE,
     _VOLATILE_PREFIXES,
     TxOp,
+    _option_true,
 )
-from proxy.sql.cache import literal_free_key
+from proxy.sql.cache import TextCache, literal_free_key
 
 __all__ = [
     "IMAGE_COLUMN",
@@ -583,19 +584,6 @@ def _explain(f: _Fields, ctx: _Ctx) -> StatementPlan:
     return ctx.plan(Action.UNSAFE, (target,) if target else (), "EXPLAIN ANALYZE runs the write")
 
 
-def _option_true(arg: object) -> bool:
-    """Whether an EXPLAIN option is on (no argument means on; Postgres rejects words it does not know)."""
-    if arg is None:
-        return True
-    typ, fields = _unwrap(arg)
-    if typ == "Boolean":
-        return bool(fields.get("boolval", False))
-    if typ == "Integer":
-        return bool(fields.get("ival", 0))
-    word = (_sval(arg) or "").strip().lower()
-    return word not in ("false", "off", "no", "0", "f", "n", "of", "fa", "fal", "fals")
-
-
 def _ddl_tables(typ: str, f: _Fields) -> tuple[str, ...]:
     """The relations a DDL statement creates or changes, where the tree names them plainly."""
     found: list[str | None] = [_relation(f.get(key)) for key in ("relation", "view", "sequence")]
@@ -657,26 +645,11 @@ def plan_sql(sql: str, *, functions_write: bool = False) -> tuple[StatementPlan,
 
 
 # --- cache ----------------------------------------------------------------------------------------------------------
-class PlanCache:
-    """LRU cache of :func:`plan_sql` results keyed by the exact SQL text, with hit/miss counters.
+class PlanCache(TextCache[tuple[StatementPlan, ...]]):
+    """:func:`plan_sql` results keyed by the exact SQL text (bounds: TextCache). ``functions_write``
+    is fixed for the cache's lifetime: it is part of every answer."""
 
-    Bounded by entry count and by the total length of the cached texts (inlined multi-megabyte
-    INSERTs would otherwise pin gigabytes); a text longer than ``max_text_length`` is planned but
-    never stored. ``functions_write`` is fixed for the cache's lifetime: it is part of every answer.
-    """
-
-    __slots__ = (
-        "_chars",
-        "_entries",
-        "_shapes",
-        "capacity",
-        "functions_write",
-        "hits",
-        "max_text_length",
-        "max_total_length",
-        "misses",
-        "shared",
-    )
+    __slots__ = ("_shapes", "functions_write", "shared")
 
     def __init__(
         self,
@@ -686,17 +659,9 @@ class PlanCache:
         max_text_length: int = 64 * 1024,
         max_total_length: int = 64 * 1024 * 1024,
     ) -> None:
-        if capacity < 1 or max_text_length < 0 or max_total_length < 0:
-            raise ValueError("capacity must be >= 1 and the length limits >= 0")
-        self.capacity = capacity
+        super().__init__(capacity, max_text_length=max_text_length, max_total_length=max_total_length)
         self.functions_write = functions_write
-        self.max_text_length = max_text_length
-        self.max_total_length = max_total_length
-        self.hits = 0
-        self.misses = 0
         self.shared = 0  # plans derived from a shape (a text differing only in literals)
-        self._chars = 0
-        self._entries: OrderedDict[str, tuple[StatementPlan, ...]] = OrderedDict()
         self._shapes: OrderedDict[str, StatementPlan] = OrderedDict()
 
     def get(self, sql: str) -> tuple[StatementPlan, ...]:
@@ -724,26 +689,12 @@ class PlanCache:
             self._shapes[key] = result[0]
             if len(self._shapes) > self.capacity:
                 self._shapes.popitem(last=False)
-        size = len(sql)
-        if size <= self.max_text_length and size <= self.max_total_length:
-            entries[sql] = result
-            self._chars += size
-            while len(entries) > self.capacity or self._chars > self.max_total_length:
-                evicted, _ = entries.popitem(last=False)
-                self._chars -= len(evicted)
-        return result
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, sql: object) -> bool:
-        return sql in self._entries
+        return self._store(sql, result)
 
     def clear(self) -> None:
         """Forget every entry (counters are kept: they are lifetime metrics)."""
-        self._entries.clear()
+        super().clear()
         self._shapes.clear()
-        self._chars = 0
 
 
 # (_TIME_WORDS: string literals whose value is computed when the statement runs, 'now'::timestamp.

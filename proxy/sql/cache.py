@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from typing import Generic, TypeVar
 
 from proxy.sql.analysis import Analysis, analyze
 
-__all__ = ["AnalysisCache"]
+__all__ = ["AnalysisCache", "TextCache"]
+
+V = TypeVar("V")
 
 
 # Literals the key replaces: single-quoted strings (with '' escapes) and unsigned numbers.
@@ -56,12 +59,12 @@ def literal_free_key(sql: str, *, single: bool = False) -> str | None:
     return "\x00" + key if key != sql else None  # NUL: never collides with a real SQL text
 
 
-class AnalysisCache:
-    """LRU cache of :func:`analyze` results with hit/miss counters.
+class TextCache(Generic[V]):
+    """LRU of values computed from SQL texts, with hit/miss counters.
 
     Bounded by entry count AND by the total length of the cached texts: applications that inline values
     (multi-megabyte INSERT ... VALUES) would otherwise pin gigabytes in 10,000 entries. A text longer than
-    ``max_text_length`` is analysed but never stored (it is almost certainly one-off).
+    ``max_text_length`` is computed but never stored (it is almost certainly one-off).
     """
 
     __slots__ = ("_chars", "_entries", "capacity", "hits", "max_text_length", "max_total_length", "misses")
@@ -77,7 +80,35 @@ class AnalysisCache:
         self.hits = 0
         self.misses = 0
         self._chars = 0
-        self._entries: OrderedDict[str, Analysis] = OrderedDict()
+        self._entries: OrderedDict[str, V] = OrderedDict()
+
+    def _store(self, sql: str, result: V) -> V:
+        entries = self._entries
+        size = len(sql)
+        if size <= self.max_text_length and size <= self.max_total_length:
+            entries[sql] = result
+            self._chars += size
+            while len(entries) > self.capacity or self._chars > self.max_total_length:
+                evicted, _ = entries.popitem(last=False)
+                self._chars -= len(evicted)
+        return result
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, sql: object) -> bool:
+        return sql in self._entries
+
+    def clear(self) -> None:
+        """Forget every entry (counters are kept: they are lifetime metrics)."""
+        self._entries.clear()
+        self._chars = 0
+
+
+class AnalysisCache(TextCache[Analysis]):
+    """:func:`analyze` results, cached (see TextCache for the bounds)."""
+
+    __slots__ = ()
 
     def get(self, sql: str) -> Analysis:
         """The analysis of ``sql``; the same object for the same text while it stays cached.
@@ -102,25 +133,3 @@ class AnalysisCache:
             return found
         self.misses += 1
         return self._store(sql, analyze(sql))
-
-    def _store(self, sql: str, result: Analysis) -> Analysis:
-        entries = self._entries
-        size = len(sql)
-        if size <= self.max_text_length and size <= self.max_total_length:
-            entries[sql] = result
-            self._chars += size
-            while len(entries) > self.capacity or self._chars > self.max_total_length:
-                evicted, _ = entries.popitem(last=False)
-                self._chars -= len(evicted)
-        return result
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, sql: object) -> bool:
-        return sql in self._entries
-
-    def clear(self) -> None:
-        """Forget every entry (counters are kept: they are lifetime metrics)."""
-        self._entries.clear()
-        self._chars = 0
