@@ -5,6 +5,10 @@ simple-query client is enough, and it keeps the cdc layer on our codec (no drive
 replication connection is. Queries return text; the tools ask the server for one JSON document
 per query (``json_agg``), so types (booleans, numbers, NULLs, names with odd characters) survive
 without a text-format parser per type.
+
+The backfill also runs COPY through it: ``copy_out`` hands the CopyData frames of a ``COPY … TO
+STDOUT`` on, undecoded, as they arrive, and ``copy_in``/``send_copy_data``/``end_copy`` feed them
+to a ``COPY … FROM STDIN`` on another connection (frontend and backend CopyData share one layout).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -26,9 +31,9 @@ from proxy.errors import (
     PgShiftError,
     ProtocolViolation,
 )
-from proxy.wire.codes import BackendCode
+from proxy.wire.codes import BackendCode, FrontendCode
 from proxy.wire.framing import FrameReader
-from proxy.wire.messages import ErrorResponse, Query, decode_data_row
+from proxy.wire.messages import CommandComplete, ErrorResponse, Query, decode_data_row, frame
 
 # Catalog answers are small; a generous bound still stops a runaway reply.
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
@@ -37,6 +42,14 @@ EXIT_UNREACHABLE = 3
 _DATA_ROW = BackendCode.DATA_ROW.value
 _ERROR = BackendCode.ERROR_RESPONSE.value
 _READY = BackendCode.READY_FOR_QUERY.value
+_COPY_DATA = BackendCode.COPY_DATA.value
+_COPY_IN = BackendCode.COPY_IN_RESPONSE.value
+_COPY_OUT = BackendCode.COPY_OUT_RESPONSE.value
+_COMPLETE = BackendCode.COMMAND_COMPLETE.value
+_COPY_DONE_FRAME = frame(FrontendCode.COPY_DONE, b"")
+
+# What a COPY's CopyData frames are handed to: (the frames as sent, how many frames).
+CopyForward = Callable[[bytes, int], None]
 
 
 class DatabaseUnreachable(PgShiftError):
@@ -120,14 +133,36 @@ class _Framer(BackendSink):
 
     def backend_data(self, data: bytes) -> None:
         buf, frames = self._reader.feed(data)
+        owner = self._owner
+        forward = owner._copy_forward
+        if forward is None:
+            for code, start, end in frames:
+                owner._received(code, buf[start + 5 : end])
+            return
+        # COPY OUT: consecutive CopyData frames go on as one slice of what arrived (frames are
+        # contiguous), not one call and one copy per row.
+        run_start = run_end = count = 0
         for code, start, end in frames:
-            self._owner._received(code, buf[start + 5 : end])
+            if code == _COPY_DATA:
+                if not count:
+                    run_start = start
+                run_end = end
+                count += 1
+                continue
+            if count:
+                forward(buf[run_start:run_end], count)
+                count = 0
+            owner._received(code, buf[start + 5 : end])
+        if count:
+            forward(buf[run_start:run_end], count)  # (a whole-buffer slice is the buffer itself)
 
     def backend_lost(self, conn: BackendConnection, exc: BaseException | None) -> None:
         self._owner._lost(exc)
 
     def backend_write_paused(self, paused: bool) -> None:
-        pass  # we send one small query at a time
+        # Queries are small; only a COPY IN fed from another connection fills the socket buffer.
+        if self._owner.on_write_paused is not None:
+            self._owner.on_write_paused(paused)
 
     def relay_failed(self, exc: Exception) -> None:
         self._owner._lost(exc)
@@ -144,6 +179,10 @@ class SqlConnection:
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._gone: PgShiftError | None = None
+        self._copy_forward: CopyForward | None = None
+        # Called with True when this connection's unsent data passes the socket's high-water
+        # mark, False when it drains (or the connection is lost): a COPY IN pauses its source.
+        self.on_write_paused: Callable[[bool], None] | None = None
 
     @classmethod
     async def connect(cls, endpoint: Endpoint, application_name: str = "pgshift-sync") -> SqlConnection:
@@ -206,6 +245,101 @@ class SqlConnection:
             )
         return rows
 
+    async def copy_out(self, sql: str, forward: CopyForward) -> int:
+        """Run a ``COPY … TO STDOUT``: its CopyData frames, whole and undecoded, go to ``forward``
+        as they arrive (in the event loop's receive callback: it must not block). Returns the row
+        count of its CommandComplete."""
+        async with self._lock:
+            self._check_open()
+            self._replies.clear()
+            self._copy_forward = forward
+            try:
+                self._conn.send(Query(sql).encode())
+                replies = await self._until_ready()
+            finally:
+                self._copy_forward = None
+        return _copy_count(self._raise_error(replies), self.endpoint.backend)
+
+    async def copy_in(self, sql: str) -> None:
+        """Start a ``COPY … FROM STDIN``: returns once the server is in copy-in mode; then
+        ``send_copy_data`` and ``end_copy``. Queries must wait until ``end_copy``; a COPY abandoned
+        before it (its source failed) is ended by closing the connection, which rolls it back."""
+        await self._lock.acquire()
+        try:
+            self._check_open()
+            self._replies.clear()
+            self._conn.send(Query(sql).encode())
+            replies: list[tuple[int, bytes]] = []
+            while True:
+                code, body = await self._next_reply()
+                if code == _COPY_IN:
+                    return  # (the lock stays held until end_copy)
+                replies.append((code, body))
+                if code == _READY:
+                    self._raise_error(replies)
+                    raise SqlError(f"{self.endpoint.backend}: not a COPY FROM STDIN", sqlstate="XX000")
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def send_copy_data(self, frames: bytes) -> None:
+        """Whole CopyData frames (as ``copy_out`` hands them on) into the running COPY IN."""
+        self._conn.send(frames)
+
+    async def end_copy(self) -> int:
+        """CopyDone: the COPY IN ends (its transaction, if any, stays open); its row count."""
+        try:
+            self._check_open()
+            self._conn.send(_COPY_DONE_FRAME)
+            replies = await self._until_ready()
+        finally:
+            self._lock.release()
+        return _copy_count(self._raise_error(replies), self.endpoint.backend)
+
+    def pause_reading(self) -> None:
+        self._conn.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._conn.resume_reading()
+
+    @property
+    def backend_pid(self) -> int | None:
+        startup = self._conn.startup
+        return startup.key.pid if startup is not None and startup.key is not None else None
+
+    def _check_open(self) -> None:
+        if self._gone is not None:
+            raise self._gone
+
+    async def _next_reply(self) -> tuple[int, bytes]:
+        while not self._replies:
+            self._check_open()
+            self._changed.clear()
+            await self._changed.wait()
+        return self._replies.popleft()
+
+    async def _until_ready(self) -> list[tuple[int, bytes]]:
+        """The replies up to ReadyForQuery (DataRows are not expected here)."""
+        replies: list[tuple[int, bytes]] = []
+        while True:
+            code, body = await self._next_reply()
+            if code == _READY:
+                return replies
+            if code in (_ERROR, _COMPLETE):
+                replies.append((code, body))
+
+    def _raise_error(self, replies: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        for code, body in replies:
+            if code == _ERROR:
+                fields = ErrorResponse.decode(body).fields
+                raise SqlError(
+                    f"{self.endpoint.backend}: {fields.get('M', 'query failed')}",
+                    sqlstate=fields.get("C", "XX000"),
+                    detail=fields.get("D"),
+                    hint=fields.get("H"),
+                )
+        return replies
+
     async def json(self, sql: str) -> Any:
         """Run a query that returns one JSON value (one row, one column); that value decoded."""
         rows = await self.query(sql)
@@ -233,6 +367,19 @@ class SqlConnection:
         if self._gone is None:
             self._gone = DatabaseUnreachable(f"lost the connection to {self.endpoint.label()}: {exc or 'closed'}")
         self._changed.set()
+        if self.on_write_paused is not None:
+            # Nothing will drain any more: a source paused for us must not wait forever.
+            self.on_write_paused(False)
+
+
+def _copy_count(replies: list[tuple[int, bytes]], backend: str) -> int:
+    """The row count of a COPY's CommandComplete ("COPY 42")."""
+    for code, body in replies:
+        if code == _COMPLETE:
+            tag = CommandComplete.decode(body).tag
+            if tag.startswith("COPY "):
+                return int(tag[5:])
+    raise SqlError(f"{backend}: COPY ended without its row count", sqlstate="XX000")
 
 
 async def connect_both(source: Endpoint, target: Endpoint) -> tuple[SqlConnection, SqlConnection]:
