@@ -642,8 +642,8 @@ class ApplyStream(BackendSink):
             return
         write = head.steps[head.step]
         head.step += 1
-        if write is None:
-            return  # the settings' SELECT
+        if write is None or not write.tag:
+            return  # the settings' SELECT, or a write with no tag to compare (CDC)
         # An image's statement differs from the primary's; the number of rows must not.
         same = _row_count(tag) == _row_count(write.tag) if write.kind is WriteKind.IMAGE else tag == write.tag
         if not same:

@@ -18,6 +18,13 @@ class ImageOp(enum.Enum):
     UPSERT = "upsert"  # INSERT … ON CONFLICT DO UPDATE: the rows as they ended up, inserted or updated
     UPDATE = "update"  # the rows after the update, matched by primary key
     DELETE = "delete"  # the rows as they were, matched by primary key
+    # Change data capture (proxy/cdc/changes.py): an update that left TOASTed columns out; only
+    # Image.columns are set, on the row matched by primary key
+    PATCH = "patch"
+    # CDC: an update that changed the key and left TOASTed columns out. Each row is
+    # {"old": key, "new": present columns}: the old row is moved to the new key (keeping the
+    # columns left out), unless a row with the new key exists already (a replay)
+    MOVE = "move"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +36,7 @@ class Image:
     table: str  # the target as written in the statement, quoted where needed: 'public."Order"'
     conflict: str | None  # for UPSERT on a table without primary key: the client's "ON CONFLICT (…)" target
     rows: tuple[bytes, ...]
+    columns: tuple[str, ...] = ()  # PATCH, MOVE: the columns the rows carry (the only ones set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +45,9 @@ class Write:
 
     kind: WriteKind
     sql: str  # QUERY/COPY: the text to run; EXTENDED/IMAGE: the client's statement (for the journal)
-    tag: str  # the primary's CommandComplete tag ("INSERT 0 3"); the mirror's must match
+    # the primary's CommandComplete tag ("INSERT 0 3"); the mirror's must match. "" means nothing
+    # to compare: CDC's idempotent writes may rightly touch no row (an upsert or delete replayed)
+    tag: str
     fingerprint: str  # pglast fingerprint of the client's statement (journal, metrics)
     tables: tuple[str, ...]  # tables written, as written
     parse: bytes = b""  # EXTENDED: a Parse frame of the unnamed statement

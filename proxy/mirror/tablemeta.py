@@ -114,6 +114,8 @@ def image_sql(image: Image, meta: TableMeta) -> str:
     match = "(" + ", ".join(f"t.{c}" for c in pk) + ") = (" + ", ".join(f"r.{c}" for c in pk) + ")"
     if image.op is ImageOp.DELETE:
         return f"DELETE FROM {table} AS t USING {source} AS r WHERE {match}"
+    if image.op in (ImageOp.PATCH, ImageOp.MOVE):
+        return _patch_sql(image, meta, pk, match)
     settable = [c for c in meta.writable if not c.primary_key and not c.identity_always]
     if not settable:
         # Nothing but key columns: assign one to itself so the row still counts as updated.
@@ -121,3 +123,32 @@ def image_sql(image: Image, meta: TableMeta) -> str:
         settable = keys[:1]
     assignments = ", ".join(f"{quote_ident(c.name)} = r.{quote_ident(c.name)}" for c in settable)
     return f"UPDATE {table} AS t SET {assignments} FROM {source} AS r WHERE {match}"
+
+
+def _patch_sql(image: Image, meta: TableMeta, pk: list[str], match: str) -> str:
+    """PATCH and MOVE: set only ``image.columns`` (the others are TOASTed values the source left
+    unchanged and did not send), so what the mirror holds for them stays."""
+    table = image.table
+    given = set(image.columns)
+    moving = image.op is ImageOp.MOVE
+    # A MOVE sets the key too; identity ALWAYS columns can only be set to DEFAULT (nor could the source).
+    settable = [c for c in meta.writable if c.name in given and not c.identity_always and (moving or not c.primary_key)]
+    if not settable:
+        keys = [c for c in meta.primary_key if not c.identity_always] or list(meta.primary_key)
+        settable = keys[:1]
+    if not moving:
+        assignments = ", ".join(f"{quote_ident(c.name)} = r.{quote_ident(c.name)}" for c in settable)
+        source = f"json_populate_recordset(NULL::{table}, $1::json)"
+        return f"UPDATE {table} AS t SET {assignments} FROM {source} AS r WHERE {match}"
+    assignments = ", ".join(f"{quote_ident(c.name)} = n.{quote_ident(c.name)}" for c in settable)
+    old_key = "(" + ", ".join(f"t.{c}" for c in pk) + ") = (" + ", ".join(f"o.{c}" for c in pk) + ")"
+    new_key = "(" + ", ".join(f"x.{c}" for c in pk) + ") = (" + ", ".join(f"n.{c}" for c in pk) + ")"
+    return (
+        f"UPDATE {table} AS t SET {assignments}"
+        f" FROM json_array_elements($1::json) AS e(v),"
+        f" json_populate_record(NULL::{table}, e.v -> 'old') AS o,"
+        f" json_populate_record(NULL::{table}, e.v -> 'new') AS n"
+        # Replayed after a restart: the row has its new key already (and a newer row may have
+        # taken the old one); moving would break the key or clobber that row.
+        f" WHERE {old_key} AND NOT EXISTS (SELECT 1 FROM {table} AS x WHERE {new_key})"
+    )

@@ -19,8 +19,9 @@ ALLOWED: dict[str, set[str]] = {
     "sql": {"errors", "config"},
     "routing": {"errors", "config", "sql"},
     "backends": {"errors", "config", "wire", "observability"},
-    # change data capture from the old database: pgoutput decoding, the replication connection
-    "cdc": {"errors", "config", "wire", "backends"},
+    # change data capture from the old database: pgoutput decoding, the replication connection,
+    # and applying the changes with the dual-write apply stream
+    "cdc": {"errors", "config", "wire", "backends", "mirror"},
     # dual write: capture (used by sessions) and the apply streams (own backend connections)
     "mirror": {"errors", "config", "wire", "backends", "routing", "sql"},
     "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability", "mirror"},

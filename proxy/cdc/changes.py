@@ -1,0 +1,545 @@
+"""Apply a pgoutput change stream to the target database, idempotently, confirming only what it committed.
+
+Each source transaction (Begin … Commit) becomes one mirror Txn on an ApplyStream to the target:
+one implicit transaction there, pipelined behind the others. Every change is made idempotent by
+primary key, so a change the target holds already (the copy overlapped the stream, or a restart
+replays what was applied but not yet confirmed) is absorbed instead of failing:
+
+* Insert, and Update with the whole new row: UPSERT (INSERT … ON CONFLICT DO UPDATE).
+* Update whose new row lacks TOASTed columns the source left unchanged (pgoutput does not send
+  them): PATCH, an UPDATE of only the columns sent, so the target keeps its value for the others.
+* Update that changed the key: DELETE of the old key, then the new row; when columns are missing
+  from it, a MOVE of the old row to the new key first (it carries the missing values along).
+* Delete: DELETE by the old key. Truncate: TRUNCATE of the same tables, with the same options.
+
+Values travel as pgoutput sent them, in text format, inside a JSON document that
+json_populate_recordset turns into rows of the target table: each string goes through the
+column type's input function, so every type round-trips exactly. (json and jsonb objects and
+arrays are embedded as JSON instead, since json_populate_recordset would keep a string as a JSON
+string; their other values, a JSON null above all, are set by a statement of their own.)
+
+Confirmation follows commit order: a source transaction's ``end_lsn`` is confirmed once the
+target committed it and every transaction before it. A transaction the target refused stops the
+applier (ApplyFailed) and nothing after it is confirmed, so the slot sends it again next time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring
+from typing import Final, Protocol
+
+from proxy.cdc.pgoutput import (
+    KIND_BINARY,
+    UNCHANGED,
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Relation,
+    Truncate,
+    TupleData,
+    Update,
+    Value,
+    format_lsn,
+    pg_now,
+)
+from proxy.cdc.replication import ChangeEvent
+from proxy.cdc.sqlconn import Endpoint
+from proxy.errors import PgShiftError, ProtocolViolation
+from proxy.mirror.apply import ApplyStream, Outcome, StreamState
+from proxy.mirror.model import Image, ImageOp, Txn, Write, WriteKind
+
+log = logging.getLogger(__name__)
+
+# json, jsonb: their text is embedded as JSON (see the module docstring).
+_JSON_TYPES: Final = frozenset({114, 3802})
+# One Image holds at most this many rows / bytes of JSON: one statement's parameter stays bounded.
+IMAGE_MAX_ROWS = 1000
+IMAGE_MAX_BYTES = 4 * 1024 * 1024
+# Submitted and not settled: reading the stream pauses above either bound.
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+MAX_QUEUED_TXNS = 1024
+# On stop, transactions already submitted get this long to be applied (and confirmed).
+DRAIN_TIMEOUT = 10.0
+
+KINDS: Final = ("insert", "update", "delete", "truncate")
+
+
+class ApplyFailed(PgShiftError):
+    """A source transaction could not be applied on the target; nothing from it on is confirmed."""
+
+    def __init__(self, message: str, *, reasons: Sequence[str], lsn: int, hint: str | None = None) -> None:
+        super().__init__(message, detail="; ".join(reasons) or None, hint=hint)
+        self.reasons = tuple(reasons)
+        self.lsn = lsn  # the end_lsn of the transaction (0: not known)
+
+
+class ChangeSource(Protocol):
+    """What the applier needs of the replication connection (ReplicationConnection has it)."""
+
+    server_wal_end: int
+
+    def confirm(self, lsn: int) -> None: ...
+
+
+# --- converting changes into writes -------------------------------------------------------------
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """A Relation, prepared for turning its tuples into JSON rows."""
+
+    name: str  # "schema"."table"
+    columns: tuple[str, ...]
+    keys: tuple[int, ...]  # indexes of the replica identity columns
+    json_names: tuple[str, ...]  # each column name as a JSON string
+    raw: tuple[bool, ...]  # the value is JSON text already (json, jsonb)
+
+    @classmethod
+    def of(cls, rel: Relation) -> _Table:
+        return cls(
+            name=f"{quote_ident(rel.namespace or 'pg_catalog')}.{quote_ident(rel.name)}",
+            columns=tuple(c.name for c in rel.columns),
+            keys=tuple(i for i, c in enumerate(rel.columns) if c.key),
+            json_names=tuple(encode_basestring(c.name) for c in rel.columns),
+            raw=tuple(c.type_oid in _JSON_TYPES for c in rel.columns),
+        )
+
+    def json(self, values: Sequence[Value], indexes: Sequence[int], fixups: list[int] | None = None) -> bytes:
+        """The columns at ``indexes`` as one JSON object (name → text value, or null). A json or
+        jsonb value that is not an object or array (a JSON null, or a json string, number or
+        outer whitespace json_populate_recordset would not keep) goes as null and its index into
+        ``fixups``: the caller sets it with a statement of its own."""
+        parts = []
+        for i in indexes:
+            value = values[i]
+            if value is None:
+                text = "null"
+            elif value is UNCHANGED:
+                raise ProtocolViolation(f"{self.name}: unchanged TOAST value where the whole row is needed")
+            elif self.raw[i]:
+                text = value.decode()
+                if fixups is not None and not (text[:1] in "{[" and text[-1:] in "}]"):
+                    fixups.append(i)
+                    text = "null"
+            else:
+                text = encode_basestring(value.decode())
+            parts.append(f"{self.json_names[i]}:{text}")
+        return ("{" + ",".join(parts) + "}").encode()
+
+
+def quote_literal(text: str) -> str:
+    # E'' with backslashes doubled means the same whatever standard_conforming_strings is.
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _fixup_sql(table: _Table, values: Sequence[Value], fixups: Sequence[int]) -> str:
+    """Sets json values the row image could not carry exactly (see _Table.json), by key; the
+    literals are untyped, so they take the column's type."""
+
+    def text(i: int) -> str:
+        value = values[i]
+        assert isinstance(value, bytes)
+        return quote_literal(value.decode())
+
+    sets = ", ".join(f"{quote_ident(table.columns[i])} = {text(i)}" for i in fixups)
+    where = " AND ".join(f"{quote_ident(table.columns[i])} = {text(i)}" for i in table.keys)
+    return f"UPDATE {table.name} SET {sets} WHERE {where}"
+
+
+class _TxnBuilder:
+    """The writes of one source transaction. Consecutive rows of the same operation on the same
+    table share one Image (one statement), as long as no key repeats in it (an upsert cannot
+    touch a row twice, and the order of two changes to one row matters)."""
+
+    def __init__(self, begin: Begin) -> None:
+        self.begin = begin
+        self.writes: list[Write] = []
+        self.counts = dict.fromkeys(KINDS, 0)
+        self._group: tuple[ImageOp, str, tuple[str, ...]] | None = None
+        self._rows: list[bytes] = []
+        self._keys: set[tuple[Value, ...]] = set()
+        self._bytes = 0
+
+    def image(self, op: ImageOp, table: str, row: bytes, key: tuple[Value, ...], columns: tuple[str, ...] = ()) -> None:
+        group = (op, table, columns)
+        if (
+            group != self._group
+            or key in self._keys
+            or len(self._rows) >= IMAGE_MAX_ROWS
+            or self._bytes + len(row) > IMAGE_MAX_BYTES
+        ):
+            self.flush()
+            self._group = group
+        self._rows.append(row)
+        self._keys.add(key)
+        self._bytes += len(row)
+
+    def query(self, sql: str, tables: tuple[str, ...]) -> None:
+        self.flush()
+        self.writes.append(Write(WriteKind.QUERY, sql, "", "cdc", tables))
+
+    def flush(self) -> None:
+        if self._group is not None and self._rows:
+            op, table, columns = self._group
+            image = Image(op, table, None, tuple(self._rows), columns)
+            self.writes.append(Write(WriteKind.IMAGE, f"-- cdc {op.value} {table}", "", "cdc", (table,), image=image))
+        self._group = None
+        self._rows = []
+        self._keys = set()
+        self._bytes = 0
+
+
+# --- the applier -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A source transaction handed to the target, in commit order, until confirmed."""
+
+    seq: int
+    end_lsn: int
+    commit_time: int
+    counts: dict[str, int]
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApplierStats:
+    transactions_applied: int
+    rows: dict[str, int]  # insert, update, delete, truncate (tables) applied
+    confirmed_lsn: int  # end_lsn of the last source transaction the target committed
+    lag_bytes: int  # the source's end of WAL minus confirmed_lsn
+    lag_seconds: float  # age of the oldest source commit not yet applied (0: none)
+    pending: int  # source transactions received and not yet confirmed
+    target_state: str
+    target_error: str
+    last_commit_time: int = 0  # Postgres timestamp of the last applied source commit
+    errors: tuple[str, ...] = field(default=())
+
+
+class ChangeApplier:
+    """Applies a replication stream (ChangeEvents) to ``target``; see the module docstring.
+
+    An applier runs once. ``run(stream)`` returns when the stream ends or after ``stop()``, having given the
+    transactions already submitted up to ``drain`` seconds to be applied; it raises ApplyFailed
+    when the target refused one, and whatever the stream raised. Stop the applier before the
+    replication connection, so that the last confirmations reach the source: the connection
+    sends the confirmed position when it stops. Anything not confirmed is sent again by the
+    slot to the next connection, and applying it twice is harmless.
+    """
+
+    def __init__(
+        self,
+        source: ChangeSource,
+        target: Endpoint,
+        *,
+        start_lsn: int = 0,
+        max_in_flight: int = 64,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        drain: float = DRAIN_TIMEOUT,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.max_in_flight = max_in_flight
+        self.max_queued_bytes = max_queued_bytes
+        self.drain = drain
+        self.transactions_applied = 0
+        self.rows = dict.fromkeys(KINDS, 0)
+        self.confirmed_lsn = start_lsn
+        self.last_commit_time = 0
+        self.failure: ApplyFailed | None = None
+        self._tables: dict[int, _Table] = {}
+        self._txn: _TxnBuilder | None = None
+        self._seq = 0
+        self._pending: deque[_Pending] = deque()
+        self._by_seq: dict[int, _Pending] = {}
+        self._apply: ApplyStream | None = None
+        self._closing = False
+        self._running = False
+        self._progress = asyncio.Event()  # a transaction settled
+        self._stop_requested = asyncio.Event()
+        self._failed = asyncio.Event()
+        self._finished = asyncio.Event()
+
+    # --- the owner's side ----------------------------------------------------------------------
+
+    @property
+    def lag_bytes(self) -> int:
+        return max(0, self.source.server_wal_end - self.confirmed_lsn)
+
+    @property
+    def lag_seconds(self) -> float:
+        if not self._pending:
+            return 0.0
+        return max(0.0, (pg_now() - self._pending[0].commit_time) / 1e6)
+
+    def stats(self) -> ApplierStats:
+        apply = self._apply
+        return ApplierStats(
+            transactions_applied=self.transactions_applied,
+            rows=dict(self.rows),
+            confirmed_lsn=self.confirmed_lsn,
+            lag_bytes=self.lag_bytes,
+            lag_seconds=self.lag_seconds,
+            pending=len(self._pending),
+            target_state=apply.state.value if apply is not None else StreamState.STOPPED.value,
+            target_error=apply.last_error if apply is not None else "",
+            last_commit_time=self.last_commit_time,
+            errors=self.failure.reasons if self.failure is not None else (),
+        )
+
+    async def stop(self) -> None:
+        """Ask run() to end (after its drain) and wait until it has."""
+        self._stop_requested.set()
+        if self._running:
+            await self._finished.wait()
+
+    async def run(self, stream: AsyncIterator[ChangeEvent]) -> None:
+        if self._running:
+            raise RuntimeError("the change applier is already running")
+        self._running = True
+        self._finished.clear()
+        target = self.target
+        apply = ApplyStream(
+            target.backend,
+            target.database,
+            target.address,
+            user=target.user,
+            password=target.password,
+            max_in_flight=self.max_in_flight,
+            on_outcome=self._on_outcome,
+        )
+        self._apply = apply
+        apply_task = asyncio.create_task(apply.run())
+        consume = asyncio.ensure_future(self._consume(stream))
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        failed = asyncio.ensure_future(self._failed.wait())
+        drain = True
+        try:
+            await asyncio.wait({consume, stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            drain = False  # killed: what was applied and not confirmed comes again next time
+            raise
+        finally:
+            for task in (consume, stop, failed):
+                task.cancel()
+            await asyncio.wait({consume, stop, failed})
+            try:
+                if drain and self.failure is None:
+                    await self._drain()
+            finally:
+                # A partial transaction (Begin without its Commit yet) is dropped: unconfirmed.
+                self._txn = None
+                self._closing = True  # what stop leaves unapplied is not a failure
+                await apply.stop()
+                apply.take_queued()
+                await apply_task
+                self._running = False
+                self._finished.set()
+        if self.failure is not None:
+            raise self.failure
+        if not consume.cancelled() and (exc := consume.exception()) is not None:
+            raise exc
+
+    # --- consuming the stream --------------------------------------------------------------------
+
+    async def _consume(self, stream: AsyncIterator[ChangeEvent]) -> None:
+        async for event in stream:
+            message = event.message
+            if isinstance(message, Insert | Update | Delete | Truncate):
+                txn = self._txn
+                if txn is None:
+                    raise ProtocolViolation(f"pgoutput change outside a transaction at {format_lsn(event.lsn)}")
+                self._change(txn, message, event.lsn)
+            elif isinstance(message, Relation):
+                self._tables[message.relation_id] = _Table.of(message)
+            elif isinstance(message, Begin):
+                self._txn = _TxnBuilder(message)
+            elif isinstance(message, Commit):
+                await self._commit(message)
+            # (Origin, Type and logical messages change nothing on the target.)
+
+    def _table(self, relation_id: int) -> _Table:
+        table = self._tables.get(relation_id)
+        if table is None:
+            raise ProtocolViolation(f"pgoutput change for relation {relation_id}, which no Relation message announced")
+        return table
+
+    def _refuse(self, lsn: int, why: str) -> ApplyFailed:
+        return ApplyFailed(f"cannot apply the change at {format_lsn(lsn)}: {why}", reasons=[why], lsn=lsn)
+
+    def _change(self, txn: _TxnBuilder, message: Insert | Update | Delete | Truncate, lsn: int) -> None:
+        if isinstance(message, Truncate):
+            tables = tuple(self._table(rid).name for rid in message.relation_ids)
+            options = (" RESTART IDENTITY" if message.restart_identity else "") + (
+                " CASCADE" if message.cascade else ""
+            )
+            txn.query(f"TRUNCATE {', '.join(tables)}{options}", tables)
+            txn.counts["truncate"] += len(tables)
+            return
+        table = self._table(message.relation_id)
+        tuples: list[TupleData | None]
+        if isinstance(message, Delete):
+            tuples = [message.old]
+        elif isinstance(message, Update):
+            tuples = [message.new, message.old]
+        else:
+            tuples = [message.new]
+        for data in tuples:
+            if data is None:
+                continue
+            if KIND_BINARY in data.kinds:
+                raise self._refuse(lsn, f"{table.name}: binary-format values (the stream must be in text format)")
+            if len(data.values) != len(table.columns):
+                raise ProtocolViolation(
+                    f"pgoutput tuple for {table.name} has {len(data.values)} columns, "
+                    f"its Relation message announced {len(table.columns)}"
+                )
+        if not table.keys:
+            raise self._refuse(lsn, f"{table.name} has no replica identity key: its rows cannot be matched")
+        try:
+            if isinstance(message, Insert):
+                new = message.new.values
+                fixups: list[int] = []
+                txn.image(ImageOp.UPSERT, table.name, table.json(new, range(len(new)), fixups), _key(table, new))
+                if fixups:
+                    txn.query(_fixup_sql(table, new, fixups), (table.name,))
+                txn.counts["insert"] += 1
+            elif isinstance(message, Delete):
+                old = message.old.values
+                keys = [i for i in table.keys if old[i] is not UNCHANGED]
+                txn.image(ImageOp.DELETE, table.name, table.json(old, keys), _key(table, old))
+                txn.counts["delete"] += 1
+            else:
+                self._update(txn, table, message, lsn)
+                txn.counts["update"] += 1
+        except UnicodeDecodeError as exc:
+            raise self._refuse(lsn, f"{table.name}: a value is not valid UTF-8 ({exc})") from None
+
+    def _update(self, txn: _TxnBuilder, table: _Table, message: Update, lsn: int) -> None:
+        new = list(message.new.values)
+        old = message.old.values if message.old is not None else None
+        if old is not None and message.old_kind == "O":
+            # REPLICA IDENTITY FULL: the old row is complete, so it supplies the unchanged values.
+            new = [o if n is UNCHANGED else n for n, o in zip(new, old, strict=True)]
+        for i in table.keys:
+            if new[i] is UNCHANGED:
+                # A TOASTed key value left as it was: the old key tuple carries it.
+                if old is None or old[i] is UNCHANGED:
+                    raise self._refuse(
+                        lsn, f"{table.name}: an update without the value of key column {table.columns[i]}"
+                    )
+                new[i] = old[i]
+        old_key = None if old is None else _key(table, old)
+        new_key = _key(table, new)
+        moved = old_key is not None and old_key != new_key
+        present = [i for i, v in enumerate(new) if v is not UNCHANGED]
+        fixups: list[int] = []
+        new_json = table.json(new, present, fixups)
+        if len(present) == len(new):
+            if moved and old is not None:
+                txn.image(ImageOp.DELETE, table.name, table.json(old, table.keys), old_key or ())
+            txn.image(ImageOp.UPSERT, table.name, new_json, new_key)
+        else:
+            columns = tuple(table.columns[i] for i in present)
+            if moved and old is not None:
+                # The row must take the values the source did not send along to its new key.
+                old_json = table.json(old, table.keys)
+                txn.image(
+                    ImageOp.MOVE, table.name, b'{"old":' + old_json + b',"new":' + new_json + b"}", new_key, columns
+                )
+                # Replayed (the move found the new key taken): the old key goes, as with a whole row.
+                txn.image(ImageOp.DELETE, table.name, old_json, old_key or ())
+            txn.image(ImageOp.PATCH, table.name, new_json, new_key, columns)
+        if fixups:
+            txn.query(_fixup_sql(table, new, fixups), (table.name,))
+
+    async def _commit(self, commit: Commit) -> None:
+        txn = self._txn
+        self._txn = None
+        if txn is None:
+            raise ProtocolViolation(f"pgoutput Commit at {format_lsn(commit.end_lsn)} without a Begin")
+        txn.flush()
+        self._seq += 1
+        pending = _Pending(self._seq, commit.end_lsn, commit.commit_time, txn.counts)
+        self._pending.append(pending)
+        if not txn.writes:
+            # Nothing for the target (pgoutput may send an empty transaction): settled in order.
+            pending.done = True
+            self._advance()
+            return
+        self._by_seq[pending.seq] = pending
+        apply = self._apply
+        assert apply is not None
+        apply.submit(
+            Txn(
+                seq=pending.seq,
+                database=self.target.database,
+                session=f"cdc xid {txn.begin.xid}",
+                settings=(),  # values are text, read by their types' input functions
+                writes=tuple(txn.writes),
+            )
+        )
+        # Backpressure: the stream is read no faster than the target applies.
+        while apply.queued_bytes > self.max_queued_bytes or apply.queued >= MAX_QUEUED_TXNS:
+            self._progress.clear()
+            await self._progress.wait()
+
+    # --- outcomes (called by the apply stream, in submission order) -------------------------------
+
+    def _on_outcome(self, txn: Txn, outcome: Outcome) -> None:
+        self._progress.set()
+        pending = self._by_seq.pop(txn.seq, None)
+        if pending is None:
+            return
+        if outcome.applied:
+            pending.done = True
+            self._advance()
+            return
+        if self._closing or self.failure is not None:
+            return  # taken off the queue by stop, or behind the transaction that failed
+        reasons = [d.reason for d in outcome.divergences] or ["not applied (no reason given)"]
+        self.failure = ApplyFailed(
+            f"the target refused the source transaction ending at {format_lsn(pending.end_lsn)}: {reasons[0]}",
+            reasons=reasons,
+            lsn=pending.end_lsn,
+            hint="Fix the cause on the target and start again: the slot sends this transaction again.",
+        )
+        log.error("%s", self.failure)
+        self._failed.set()
+
+    def _advance(self) -> None:
+        """Confirm the longest prefix of applied transactions: never past one still pending."""
+        confirmed = 0
+        while self._pending and self._pending[0].done:
+            pending = self._pending.popleft()
+            self.transactions_applied += 1
+            for kind, n in pending.counts.items():
+                self.rows[kind] += n
+            confirmed = pending.end_lsn
+            self.last_commit_time = pending.commit_time
+        if confirmed > self.confirmed_lsn:
+            self.confirmed_lsn = confirmed
+            self.source.confirm(confirmed)
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.drain):
+                while self._pending and self.failure is None:
+                    self._progress.clear()
+                    await self._progress.wait()
+
+
+def _key(table: _Table, values: Sequence[Value]) -> tuple[Value, ...]:
+    return tuple(values[i] for i in table.keys)
