@@ -1,6 +1,6 @@
 """Command line: `pgshift serve | passwd | demo`, the operator commands that call a running proxy's
 admin API: `status | weights set | flip | rollback | history | reload` (also `python -m proxy …`),
-and `sync check | sync sequences`, which talk to the backends themselves."""
+and `sync check | sequences | start | status | stop`, which talk to the backends themselves."""
 
 from __future__ import annotations
 
@@ -301,9 +301,7 @@ def _sync_report(args: argparse.Namespace, make: Callable[[Endpoint, Endpoint], 
 def _cmd_sync_check(args: argparse.Namespace) -> int:
     from proxy.cdc.checks import run_check
 
-    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables is not None else None
-    if tables == []:
-        raise ConfigError("--tables names no table")
+    tables = _sync_tables(args)
     return _sync_report(args, lambda source, target: run_check(source, target, tables))
 
 
@@ -313,6 +311,86 @@ def _cmd_sync_sequences(args: argparse.Namespace) -> int:
     return _sync_report(
         args, lambda source, target: sync_sequences(source, target, margin=args.margin, dry_run=args.dry_run)
     )
+
+
+def _sync_tables(args: argparse.Namespace) -> list[str] | None:
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables is not None else None
+    if tables == []:
+        raise ConfigError("--tables names no table")
+    return tables
+
+
+def _print_failure(exc: PgShiftError) -> None:
+    print(f"pgshift: {exc.message}", file=sys.stderr)
+    if exc.detail:
+        print(f"detail: {exc.detail.strip()}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+
+
+def _cmd_sync_start(args: argparse.Namespace) -> int:
+    from proxy.cdc.sqlconn import DatabaseUnreachable
+    from proxy.cdc.sync import SyncOptions, SyncRun, install_signal_handlers
+
+    options = SyncOptions(
+        tables=_sync_tables(args), workers=args.workers, chunk_rows=args.chunk_rows, slot=args.slot,
+        publication=args.publication, status_interval=args.status_interval,
+    )  # fmt: skip
+    source, target = _sync_endpoints(args)
+
+    async def work() -> int:
+        run = SyncRun(source, target, options, say=lambda line: print(clean(line), file=sys.stderr, flush=True))
+        remove = install_signal_handlers(run)
+        try:
+            result = await run.run()
+        except DatabaseUnreachable:
+            raise
+        except PgShiftError as exc:  # (run() reports its own failures; this is one before it began)
+            _print_failure(exc)
+            return 1
+        finally:
+            remove()
+        if args.json:
+            _print_json(result.as_dict())
+        report = result.check
+        if report is not None and not report.ok and not args.json:
+            for line in report.lines():
+                print(clean(line))
+            print("nothing was created: fix the problems above and start again")
+        for problem in result.problems:
+            print(f"pgshift: {clean(problem)}", file=sys.stderr)
+        if result.problems:
+            print("pgshift: nothing was created", file=sys.stderr)
+        if result.error is not None:
+            print(f"pgshift: sync failed: {clean(result.error)}", file=sys.stderr)
+        for message in result.messages:
+            print(f"pgshift: {clean(message)}", file=sys.stderr)
+        return result.exit_code
+
+    return _sync_run(work)
+
+
+def _cmd_sync_status(args: argparse.Namespace) -> int:
+    from proxy.cdc.sync import sync_status
+
+    return _sync_report(args, lambda source, target: sync_status(source, target, args.slot))
+
+
+def _cmd_sync_stop(args: argparse.Namespace) -> int:
+    from proxy.cdc.sync import sync_stop
+
+    source, target = _sync_endpoints(args)
+
+    async def work() -> int:
+        result = await sync_stop(source, target, args.slot, args.publication, force=args.force)
+        if args.json:
+            _print_json(result.as_dict())
+        else:
+            for line in result.lines:
+                print(clean(line), file=sys.stdout if result.ok else sys.stderr)
+        return 0 if result.ok else 1
+
+    return _sync_run(work)
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -473,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync_common.add_argument("--user", help="connect as this user on both (default: mirror_user, else the dsn's)")
     sync_common.add_argument("--database", help="database on both (default: the dsn's, else the user's name)")
     sync_common.add_argument("--json", action="store_true", help="machine-readable output")
-    sync = sub.add_parser("sync", help="bring a new database in sync with the old one (check, sequences)")
+    sync = sub.add_parser(
+        "sync", help="bring a new database in sync with the old one (check, start, status, stop, sequences)"
+    )
     sync_sub = sync.add_subparsers(dest="sync_command", required=True, metavar="ACTION")
     sync_check = sync_sub.add_parser(
         "check", help="check every prerequisite of a sync; list each problem with its fix",
@@ -500,6 +580,60 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sync_sequences.add_argument("--dry-run", action="store_true", help="report what would be set; change nothing")
     sync_sequences.set_defaults(func=_cmd_sync_sequences)
+
+    slot_options = argparse.ArgumentParser(add_help=False)
+    slot_options.add_argument(
+        "--slot", default="pgshift_sync", metavar="NAME", help="the logical replication slot (default pgshift_sync)"
+    )
+    sync_start = sync_sub.add_parser(
+        "start", help="check, publish, copy every table under one snapshot, then stream changes until stopped",
+        description="Check the prerequisites (any problem: nothing is created), create the publication and the "
+        "logical slot on the source if missing, copy the tables under the slot's snapshot (progress on stderr), "
+        "then apply the change stream until SIGINT/SIGTERM. Run it again after any interruption: the copy resumes "
+        "from its last finished chunk, the stream from the slot's confirmed position. Exit codes: 0 stopped "
+        "cleanly while streaming; 1 problems found or the sync failed (the message says what stays and how to "
+        "resume or clean up); 130 interrupted during the copy (start again to resume).",
+        parents=[sync_common, slot_options], epilog=SYNC_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sync_start.add_argument(
+        "--tables", metavar="T1,T2", help="sync only these tables (schema-qualified or not); default: all but pgshift_*"
+    )
+    sync_start.add_argument("--workers", type=_count(1), default=4, metavar="N", help="parallel copies (default 4)")
+    sync_start.add_argument(
+        "--chunk-rows", type=_count(1), default=100_000, metavar="N", help="rows per copy chunk (default 100000)"
+    )
+    sync_start.add_argument(
+        "--publication", default="pgshift_sync", metavar="NAME", help="the publication (default pgshift_sync)"
+    )
+    sync_start.add_argument(
+        "--status-interval", type=_seconds, default=5.0, metavar="SECONDS",
+        help="seconds between status lines while streaming (default 5)",
+    )  # fmt: skip
+    sync_start.set_defaults(func=_cmd_sync_start)
+    sync_status = sync_sub.add_parser(
+        "status", help="phase, copy progress, the slot's lag and WAL retention, last error",
+        description="Read the sync's state from the target (pgshift_sync_state, pgshift_backfill) and its slot from "
+        "the source. Exit 1 when the slot retains WAL without a consumer, or the sync recorded an error.",
+        parents=[sync_common, slot_options], epilog=SYNC_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sync_status.set_defaults(func=_cmd_sync_status)
+    sync_stop = sync_sub.add_parser(
+        "stop", help="drop the slot and the publication, mark the sync stopped",
+        description="Drop the replication slot and the publication on the source and mark the sync stopped. Refuses "
+        "(exit 1) while a sync streams from the slot, unless --force, which terminates its walsender. Nothing to "
+        "drop is not an error.",
+        parents=[sync_common, slot_options], epilog=SYNC_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sync_stop.add_argument(
+        "--publication", metavar="NAME", help="the publication (default: the one the sync recorded, else pgshift_sync)"
+    )
+    sync_stop.add_argument(
+        "--force", action="store_true", help="terminate the walsender of a sync still streaming from the slot"
+    )
+    sync_stop.set_defaults(func=_cmd_sync_stop)
     return parser
 
 
