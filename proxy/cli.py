@@ -332,9 +332,19 @@ def _cmd_sync_start(args: argparse.Namespace) -> int:
     from proxy.cdc.sqlconn import DatabaseUnreachable
     from proxy.cdc.sync import SyncOptions, SyncRun, install_signal_handlers
 
+    bindir: Path | None = None
+    bindir_problem: str | None = None
+    if args.schema:
+        from proxy.localpg import find_bindir
+
+        try:
+            bindir = find_bindir()
+        except PgShiftError as exc:
+            bindir_problem = exc.message
     options = SyncOptions(
         tables=_sync_tables(args), workers=args.workers, chunk_rows=args.chunk_rows, slot=args.slot,
-        publication=args.publication, status_interval=args.status_interval,
+        publication=args.publication, status_interval=args.status_interval, schema=args.schema,
+        pg_bindir=bindir, pg_bindir_problem=bindir_problem, metrics_port=args.metrics_port,
     )  # fmt: skip
     source, target = _sync_endpoints(args)
 
@@ -609,6 +619,17 @@ def build_parser() -> argparse.ArgumentParser:
     sync_start.add_argument(
         "--status-interval", type=_seconds, default=5.0, metavar="SECONDS",
         help="seconds between status lines while streaming (default 5)",
+    )  # fmt: skip
+    sync_start.add_argument(
+        "--schema", action="store_true",
+        help="create the tables first: copy the schema of the selected tables (all of the database's without "
+        "--tables) with the OS's pg_dump of the source's major version; its pre-data (tables, sequences, types, "
+        "functions) before the copy, its post-data (primary keys, indexes, constraints, triggers) after it, before "
+        "streaming. Without owners, grants, publications. Refused when a selected table exists on the target",
+    )  # fmt: skip
+    sync_start.add_argument(
+        "--metrics-port", type=_count(1), metavar="PORT",
+        help="serve Prometheus metrics (pgshift_sync_*) on http://127.0.0.1:PORT/metrics while it runs (default off)",
     )  # fmt: skip
     sync_start.set_defaults(func=_cmd_sync_start)
     sync_status = sync_sub.add_parser(

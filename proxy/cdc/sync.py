@@ -22,6 +22,17 @@ The sync's state lives on the target in ``pgshift_sync_state`` (one row per slot
 ``status`` reads it from another process: phase, heartbeat (updated_at), confirmed position,
 counters, last error.
 
+--schema (a new sync into a database without the selected tables): the source's schema with the
+OS's pg_dump of the source's major version — pre-data (tables, sequences, types, functions) applied
+before the copy, post-data (primary keys, indexes, constraints, triggers) after it and before the
+stream, whose upserts need the primary keys. Each script runs as one simple query, so one implicit
+transaction: all or nothing. The post-data waits in the state row (schema_post_data) until applied,
+so a run resumed after an interrupted copy applies it too. A failed start says what the schema
+created; it is not dropped.
+
+--metrics-port: Prometheus metrics of the run (SyncCollector, pgshift_sync_*) served by aiohttp on
+127.0.0.1, on the run's own event loop and registry.
+
 Failures: before streaming began, a run that created the slot/publication drops them again, and
 empties what it copied (the tables were empty when it started), so a failed start leaves nothing
 behind. Later failures (and any failure of a resumed run) keep them: resume with ``sync start``,
@@ -35,14 +46,21 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy.cdc.backfill import PROGRESS_TABLE, BackfillReport, TableProgress, backfill
 from proxy.cdc.changes import ChangeApplier
@@ -80,7 +98,9 @@ create table if not exists {STATE_TABLE} (
   transactions bigint not null default 0,
   lag_bytes bigint,
   lag_seconds double precision,
-  last_error text)
+  last_error text,
+  schema_post_data text);       -- --schema: the indexes/constraints to apply once the copy is done
+alter table {STATE_TABLE} add column if not exists schema_post_data text
 """
 
 _SLOT = """
@@ -107,6 +127,10 @@ class SyncOptions:
     slot: str = DEFAULT_SLOT
     publication: str = DEFAULT_PUBLICATION
     status_interval: float = STATUS_INTERVAL
+    schema: bool = False  # copy the schema with pg_dump (pre-data before the copy, post-data after it)
+    pg_bindir: Path | None = None  # where pg_dump is looked for first (the CLI's find_bindir())
+    pg_bindir_problem: str | None = None  # why there is none (said when no pg_dump is found)
+    metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:PORT while it runs
 
 
 def _mb(n: float) -> str:
@@ -260,7 +284,12 @@ class _State:
             "on conflict (slot) do update set source = excluded.source, target = excluded.target, "
             "publication = excluded.publication, tables = excluded.tables, phase = excluded.phase, "
             "started_at = excluded.started_at, updated_at = now(), process = excluded.process, last_error = null"
-            + (", confirmed_lsn = null, transactions = 0, lag_bytes = null, lag_seconds = null" if fresh else "")
+            + (
+                ", confirmed_lsn = null, transactions = 0, lag_bytes = null, lag_seconds = null, "
+                "schema_post_data = null"
+                if fresh
+                else ""
+            )
         )
 
     async def update(self, **values: Any) -> None:
@@ -282,6 +311,232 @@ class _State:
             await self.update(**values)
         except PgShiftError as exc:
             log.warning("could not record the sync's state on the target: %s", exc.message)
+
+
+# --- --schema: the source's schema with pg_dump ---------------------------------------------------
+
+# pg_dump's options for a schema copy: no owners and no grants (roles are cluster-wide and may not
+# exist on the target: the objects belong to the sync's user there), no publications/subscriptions
+# (the source's replication setup is not the target's).
+_PG_DUMP_OPTIONS = ("--schema-only", "--no-owner", "--no-privileges", "--no-publications", "--no-subscriptions")
+# psql meta-commands recent pg_dump releases write around a plain dump (\restrict KEY … \unrestrict KEY).
+_META_COMMAND = re.compile(r"^\\(un)?restrict [A-Za-z0-9]+$", re.MULTILINE)
+
+# The target's objects a schema script can create, named for people ("table public.t", …).
+_OBJECTS = """
+select coalesce(json_agg(o order by o), '[]') from (
+  select (case c.relkind when 'S' then 'sequence' when 'v' then 'view' when 'm' then 'materialized view'
+          when 'f' then 'foreign table' else 'table' end) || ' ' || format('%I.%I', n.nspname, c.relname) o
+  from pg_class c join pg_namespace n on n.oid = c.relnamespace
+  where c.relkind in ('r', 'p', 'S', 'v', 'm', 'f') and n.nspname not in ('pg_catalog', 'information_schema')
+    and n.nspname !~ '^pg_(toast|temp_)' and c.relname !~ '^pgshift_'
+  union all
+  select 'schema ' || quote_ident(nspname) from pg_namespace
+  where nspname not in ('pg_catalog', 'information_schema') and nspname !~ '^pg_'
+  union all
+  select 'type ' || format('%I.%I', n.nspname, t.typname) from pg_type t join pg_namespace n on n.oid = t.typnamespace
+  where (t.typtype in ('e', 'd', 'r', 'm') or (t.typtype = 'c' and (select relkind from pg_class
+         where oid = t.typrelid) = 'c')) and n.nspname not in ('pg_catalog', 'information_schema')
+  union all
+  select 'function ' || p.oid::regprocedure::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+  where n.nspname not in ('pg_catalog', 'information_schema') and n.nspname !~ '^pg_'
+    and not exists (select 1 from pg_depend d where d.objid = p.oid and d.deptype = 'e')
+  union all
+  select 'extension ' || quote_ident(extname) from pg_extension where extname <> 'plpgsql') x
+"""
+
+
+def _major(version: str) -> int | None:
+    match = re.search(r"\b(\d+)(?:\.\d+)?", version)
+    return int(match.group(1)) if match else None
+
+
+async def _binary_major(path: Path) -> tuple[int | None, str]:
+    proc = await asyncio.create_subprocess_exec(
+        str(path), "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace").strip()
+    return _major(text.split(")", 1)[-1]) if proc.returncode == 0 else None, text
+
+
+async def find_pg_dump(major: int, bindir: Path | None, bindir_problem: str | None = None) -> Path:
+    """pg_dump of the source's major version: in ``bindir`` (find_bindir()), else Debian's directory
+    for that version. SyncError saying what was found when there is none."""
+    seen: list[str] = []
+    for directory in (bindir, Path(f"/usr/lib/postgresql/{major}/bin")):
+        if directory is None:
+            continue
+        path = directory / "pg_dump"
+        if not path.is_file() or any(s.startswith(str(path)) for s in seen):
+            continue
+        found, text = await _binary_major(path)
+        if found == major:
+            return path
+        seen.append(f"{path} is {text or 'unusable'}")
+    where = "; ".join(seen) if seen else f"no pg_dump in {bindir or bindir_problem or 'the Postgres bin directory'}"
+    raise SyncError(
+        f"--schema needs pg_dump of PostgreSQL {major} (the source's major version), and there is none: {where}",
+        hint=f"install the PostgreSQL {major} client tools (Debian: apt-get install postgresql-client-{major}), "
+        "or set PGSHIFT_PG_BINDIR to the directory holding them",
+    )
+
+
+def _libpq_env(endpoint: Endpoint) -> dict[str, str]:
+    a = endpoint.address
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(
+        PGHOST=a.host, PGPORT=str(a.port), PGUSER=endpoint.user, PGDATABASE=endpoint.database,
+        PGSSLMODE=a.sslmode, PGCONNECT_TIMEOUT=str(max(1, int(a.connect_timeout))), PGAPPNAME="pgshift-sync-schema",
+    )  # fmt: skip
+    if endpoint.password is not None:
+        env["PGPASSWORD"] = endpoint.password
+    if a.sslrootcert:
+        env["PGSSLROOTCERT"] = a.sslrootcert
+    if "PGPASSFILE" in os.environ:
+        env["PGPASSFILE"] = os.environ["PGPASSFILE"]
+    return env
+
+
+async def dump_schema(pg_dump: Path, source: Endpoint, section: str, patterns: list[str] | None) -> str:
+    """``pg_dump --schema-only --section=SECTION`` of the source: of the tables matching ``patterns``
+    (pg_dump -t patterns), else of the whole database but pgshift's own tables. The script, ready
+    to run as one simple query (psql meta-commands removed)."""
+    selection = [f"--table={p}" for p in patterns] if patterns is not None else ["--exclude-table=*.pgshift_*"]
+    proc = await asyncio.create_subprocess_exec(
+        str(pg_dump), *_PG_DUMP_OPTIONS, f"--section={section}", *selection,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_libpq_env(source),
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise SyncError(f"pg_dump --section={section} of {source.label()} failed: {err.decode(errors='replace')}")
+    return _META_COMMAND.sub("", out.decode())
+
+
+async def _table_patterns(src: SqlConnection, tables: list[str]) -> list[str]:
+    """pg_dump -t patterns matching exactly these (quoted) tables: every part double-quoted."""
+    pairs: list[list[str]] = await src.json(
+        "select coalesce(json_agg(json_build_array(n.nspname, c.relname)), '[]') from pg_class c "
+        "join pg_namespace n on n.oid = c.relnamespace where c.oid = any(array["
+        + ", ".join(f"to_regclass({quote_literal(t)})" for t in tables) + "]::regclass[])"
+    )  # fmt: skip
+    return [f"{quote_ident(schema)}.{quote_ident(name)}" for schema, name in pairs]
+
+
+async def _objects(conn: SqlConnection) -> set[str]:
+    names: list[str] = await conn.json(_OBJECTS)
+    return set(names)
+
+
+async def apply_script(endpoint: Endpoint, script: str) -> None:
+    """A schema script as one simple query on a connection of its own (the script sets its own
+    search_path): the statements run in one implicit transaction, all or nothing."""
+    if not script.strip():
+        return
+    async with await SqlConnection.connect(endpoint, application_name="pgshift-sync-schema") as conn:
+        await conn.query(script)
+
+
+def _some(names: list[str], limit: int = 12) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+PHASES = ("check", "schema", "backfill", "post_data", "streaming", "stopped", "failed")
+
+# Every metric of `sync start --metrics-port`, with its help text.
+METRICS_HELP: dict[str, str] = {
+    "pgshift_sync_phase": "1 for the phase the sync is in (check, schema, backfill, post_data, streaming, stopped, "
+    "failed), 0 for the others",
+    "pgshift_sync_table_rows_copied": "Rows copied into the target per table (chunks finished by earlier runs "
+    "included, chunks in flight not)",
+    "pgshift_sync_table_bytes_copied": "COPY payload bytes committed on the target per table by this run",
+    "pgshift_sync_table_chunks_done": "Copy chunks finished per table (by this run or an earlier one)",
+    "pgshift_sync_table_chunks": "Copy chunks planned per table",
+    "pgshift_sync_transactions_applied": "Source transactions applied to the target while streaming",
+    "pgshift_sync_rows_applied": "Row changes applied to the target while streaming, by kind (insert, update, "
+    "delete, truncate)",
+    "pgshift_sync_confirmed_lsn": "End LSN of the last source transaction the target committed (confirmed to the "
+    "slot), as a number",
+    "pgshift_sync_lag_bytes": "Source WAL not yet applied to the target: the source's end of WAL minus the "
+    "confirmed LSN",
+    "pgshift_sync_lag_seconds": "Age of the oldest source commit not yet applied (0: none pending)",
+}
+
+
+class SyncCollector(Collector):
+    """Reads a running SyncRun on each scrape (on the event loop: the aiohttp handler calls it)."""
+
+    def __init__(self, run: SyncRun) -> None:
+        self.run = run
+
+    def collect(self) -> Iterator[Metric]:
+        run, h = self.run, METRICS_HELP
+        phase = GaugeMetricFamily("pgshift_sync_phase", h["pgshift_sync_phase"], labels=["phase"])
+        for name in PHASES:
+            phase.add_metric([name], 1.0 if run.phase == name else 0.0)
+        yield phase
+        families = {
+            name: (CounterMetricFamily if name.endswith(("copied",)) else GaugeMetricFamily)(
+                name, h[name], labels=["table"]
+            )
+            for name in ("pgshift_sync_table_rows_copied", "pgshift_sync_table_bytes_copied",
+                         "pgshift_sync_table_chunks_done", "pgshift_sync_table_chunks")
+        }  # fmt: skip
+        for table, t in sorted(run.copy_progress.items()):
+            families["pgshift_sync_table_rows_copied"].add_metric([table], t.rows_before + t.rows)
+            families["pgshift_sync_table_bytes_copied"].add_metric([table], t.bytes)
+            families["pgshift_sync_table_chunks_done"].add_metric([table], t.chunks_done + t.chunks_skipped)
+            families["pgshift_sync_table_chunks"].add_metric([table], t.chunks)
+        yield from families.values()
+        applier = run.applier
+        stats = applier.stats() if applier is not None else None
+        yield CounterMetricFamily(
+            "pgshift_sync_transactions_applied", h["pgshift_sync_transactions_applied"],
+            value=stats.transactions_applied if stats else 0,
+        )  # fmt: skip
+        rows = CounterMetricFamily("pgshift_sync_rows_applied", h["pgshift_sync_rows_applied"], labels=["kind"])
+        for kind, count in sorted((stats.rows if stats else {}).items()):
+            rows.add_metric([kind], count)
+        yield rows
+        for name, value in (
+            ("pgshift_sync_confirmed_lsn", stats.confirmed_lsn if stats else 0),
+            ("pgshift_sync_lag_bytes", stats.lag_bytes if stats else 0),
+            ("pgshift_sync_lag_seconds", stats.lag_seconds if stats else 0.0),
+        ):
+            yield GaugeMetricFamily(name, h[name], value=value)
+
+
+class MetricsServer:
+    """/metrics of a SyncRun on 127.0.0.1:PORT (aiohttp on the run's event loop, a registry of its own)."""
+
+    def __init__(self, run: SyncRun, port: int, host: str = "127.0.0.1") -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SyncCollector(run))
+        self.host, self.port = host, port
+        self._runner: web.AppRunner | None = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise SyncError(f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self._runner = runner
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
 
 # --- start ----------------------------------------------------------------------------------------
@@ -330,6 +585,12 @@ class SyncRun:
         self.display = display or ProgressDisplay()
         self.stop_requested = asyncio.Event()
         self.result = StartResult(EXIT_OK)
+        # What the metrics read: the phase (PHASES), each table's copy, the applier while streaming.
+        self.phase = "check"
+        self.copy_progress: dict[str, TableProgress] = {}
+        self.applier: ChangeApplier | None = None
+        self._schema_missing: set[str] = set()  # --schema: the tables the check found missing on the target
+        self.schema_created: list[str] = []  # --schema: the objects this run created on the target
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -349,11 +610,36 @@ class SyncRun:
         return False
 
     async def run(self) -> StartResult:
+        metrics: MetricsServer | None = None
+        port = self.options.metrics_port
+        if port is not None:
+            if not 0 < port < 65536:
+                raise SyncError(f"--metrics-port {port} is out of range 1-65535")
+            metrics = MetricsServer(self, port)
+            await metrics.start()
+            self.say(f"metrics on http://{metrics.host}:{port}/metrics")
+        try:
+            result = await self._checked_run()
+        except BaseException:
+            self.phase = "failed"
+            raise
+        finally:
+            if metrics is not None:
+                await metrics.stop()
+        return result
+
+    async def _checked_run(self) -> StartResult:
         o, result = self.options, self.result
         report = await run_check(self.source, self.target, o.tables)
         result.check = report
+        if o.schema:
+            # --schema creates the tables: missing on the target is what it expects (which of the
+            # selected tables exist already is decided once the slot is known: see _run).
+            self._schema_missing = {f.table for f in report.findings if f.code == "missing_table" and f.table}
+            report.findings = [f for f in report.findings if f.code != "missing_table"]
         if not report.ok:
             result.exit_code = EXIT_FAILED
+            self.phase = "failed"
             return result
         src = await SqlConnection.connect(self.source)
         try:
@@ -387,8 +673,33 @@ class SyncRun:
             result.exit_code = EXIT_FAILED
             return result
         fresh = slot is None
+        post_data: str | None = None
+        if o.schema and not fresh:
+            if self._schema_missing:
+                result.problems.append(
+                    "resuming the sync of slot " + quote_ident(o.slot) + ", but these tables are missing on the "
+                    f"target: {', '.join(sorted(self._schema_missing))} (the schema is copied only by a new sync: "
+                    "`pgshift sync stop`, drop what it created, and start again with --schema)"
+                )  # fmt: skip
+                result.exit_code = EXIT_FAILED
+                return result
+            self.say("resuming: --schema is ignored (the schema was copied when the sync began; its indexes and "
+                     "constraints, if still pending, are applied after the copy)")  # fmt: skip
+        if fresh and o.schema:
+            present = [t for t in report.tables if t not in self._schema_missing]
+            if present:
+                result.problems.append(
+                    "--schema creates the tables, and these exist on the target already: " + ", ".join(present)
+                    + " (drop them there, or sync into the existing tables without --schema)"
+                )  # fmt: skip
+                result.exit_code = EXIT_FAILED
+                return result
         await tgt.query(_STATE_DDL)
-        if fresh:
+        if fresh and o.schema:
+            post_data = await self._copy_schema(src, tgt, tables, report.source_info.get("version", ""))
+            if post_data is None:
+                return result
+        elif fresh:
             busy = await _nonempty(tgt, tables)
             if busy:
                 result.problems.append(
@@ -405,6 +716,9 @@ class SyncRun:
         repl: ReplicationConnection | None = None
         try:
             await state.begin(tables, fresh)
+            if post_data is not None:
+                await state.update(schema_post_data=post_data)
+            self.phase = "backfill"
             if not await _publication_exists(src, o.publication):
                 await src.query(
                     f"create publication {quote_ident(o.publication)} for table {', '.join(tables)} "
@@ -441,21 +755,29 @@ class SyncRun:
                 self.display.finish()
             if not finished:
                 result.exit_code = EXIT_INTERRUPTED
+                self.phase = "stopped"
                 result.messages.append(
                     f'interrupted during the copy: the slot "{o.slot}" and publication "{o.publication}" stay; '
                     "run `pgshift sync start` again to resume (or `pgshift sync stop` to drop them)"
                 )
+                if post_data is not None:
+                    result.messages.append(
+                        "the schema's indexes and constraints (pg_dump post-data) are not applied yet: the run that "
+                        "finishes the copy applies them (no need to pass --schema again)"
+                    )
                 await state.try_update(process=None)
                 return result
             result.backfill = copy.result()
             for line in result.backfill.lines():
                 self.say(line)
+            await self._apply_post_data(tgt, state)
             await self._stream(src, repl, state)
             return result
         except BaseException as exc:
             error = exc.message if isinstance(exc, PgShiftError) else f"{type(exc).__name__}: {exc}"
             result.error = error
             result.exit_code = EXIT_FAILED
+            self.phase = "failed"
             if repl is not None:
                 with contextlib.suppress(Exception):
                     await repl.close()
@@ -468,6 +790,12 @@ class SyncRun:
                 )
             elif created_slot:
                 await self._undo(state, tables, created_publication, error)
+                if self.schema_created:
+                    result.messages.append(
+                        f"the schema this run created on {self.target.backend} stays (it is not dropped "
+                        f"automatically): {_some(self.schema_created)}. Drop it there before starting again with "
+                        "--schema, or start again without --schema once the tables have their primary keys"
+                    )
             else:
                 await state.try_update(last_error=error, process=None)
                 # (A resumed run keeps even a publication it re-created: the slot decodes with it.)
@@ -481,6 +809,61 @@ class SyncRun:
         finally:
             if repl is not None:
                 await repl.close()
+
+    async def _copy_schema(self, src: SqlConnection, tgt: SqlConnection, tables: list[str], version: str) -> str | None:
+        """--schema on a new sync: dump pre-data and post-data, apply pre-data on the target now.
+        The post-data script (None: refused or failed, said in the result; nothing was created)."""
+        o, result = self.options, self.result
+        self.phase = "schema"
+        major = _major(str(version))
+        if major is None:
+            raise SyncError(f"cannot tell the source's major version from {version!r}")
+        pg_dump = await find_pg_dump(major, o.pg_bindir, o.pg_bindir_problem)
+        patterns = await _table_patterns(src, tables) if o.tables is not None else None
+        pre = await dump_schema(pg_dump, self.source, "pre-data", patterns)
+        post = await dump_schema(pg_dump, self.source, "post-data", patterns)
+        before = await _objects(tgt)
+        what = f"{len(tables)} table(s)" if patterns is not None else "the whole database"
+        self.say(f"copying the schema of {what} (pg_dump {pg_dump}, pre-data) to {self.target.backend}")
+        try:
+            await apply_script(self.target, pre)
+        except PgShiftError as exc:
+            result.error = f"the schema (pg_dump pre-data) failed on the target: {exc.message}"
+            if exc.detail:
+                result.error += f" ({exc.detail})"
+            result.exit_code = EXIT_FAILED
+            result.messages.append("the schema script ran as one transaction and was rolled back: nothing was created")
+            self.phase = "failed"
+            return None
+        self.schema_created = sorted(await _objects(tgt) - before)
+        self.say(f"created {len(self.schema_created)} object(s): {_some(self.schema_created)}")
+        # Progress of an earlier sync of tables with these names (dropped since): copy again.
+        if await tgt.query(f"select to_regclass({quote_literal(PROGRESS_TABLE)}) is not null") == [["t"]]:
+            await tgt.query(f"delete from {PROGRESS_TABLE} where table_name = any({_progress_names(tables)})")
+        return post
+
+    async def _apply_post_data(self, tgt: SqlConnection, state: _State) -> None:
+        """After the copy: the pending post-data of --schema (indexes, primary keys, constraints,
+        triggers), before the stream (its upserts need the primary keys). Kept in the state until
+        applied, so that a resumed run applies it too."""
+        rows = await tgt.query(
+            f"select schema_post_data from {STATE_TABLE} where slot = {quote_literal(self.options.slot)}"
+        )
+        script = rows[0][0] if rows else None
+        if not script:
+            return
+        self.phase = "post_data"
+        self.say("applying the schema's indexes and constraints (pg_dump post-data)")
+        started = time.monotonic()
+        try:
+            await apply_script(self.target, script)
+        except PgShiftError as exc:
+            raise SyncError(
+                f"the schema's indexes and constraints (pg_dump post-data) failed on the target: {exc.message}",
+                detail=exc.detail,
+            ) from None
+        await state.update(schema_post_data=None)
+        self.say(f"indexes and constraints applied in {time.monotonic() - started:.1f} s")
 
     async def _wait_inactive(self, src: SqlConnection) -> dict[str, Any] | None:
         """The slot (None: none); when it is active, wait a little in case its walsender is dying
@@ -509,6 +892,7 @@ class SyncRun:
         beats: set[asyncio.Future[None]] = set()
 
         def progress(table: TableProgress) -> None:
+            self.copy_progress[table.table] = table
             self.display.update(table)
             now = time.monotonic()
             if now - last[0] >= self.options.status_interval and not beats:  # the heartbeat status reads
@@ -530,7 +914,9 @@ class SyncRun:
         result.streamed = True
         await state.update(phase="streaming", confirmed_lsn=format_lsn(confirmed) if confirmed else None)
         self.say(f'streaming changes from slot "{o.slot}" (from {format_lsn(confirmed)}); Ctrl-C to stop')
+        self.phase = "streaming"
         applier = ChangeApplier(repl, self.target, start_lsn=confirmed)
+        self.applier = applier
         applying = asyncio.ensure_future(applier.run(repl))
         before = 0
         try:
@@ -561,6 +947,7 @@ class SyncRun:
             }
         if (exc := applying.exception()) is not None:
             raise exc
+        self.phase = "stopped"
         await state.try_update(
             process=None, confirmed_lsn=format_lsn(applier.confirmed_lsn) if applier.confirmed_lsn else None,
             transactions=applier.transactions_applied,
