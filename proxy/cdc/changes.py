@@ -248,9 +248,13 @@ class ChangeApplier:
         max_in_flight: int = 64,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         drain: float = DRAIN_TIMEOUT,
+        replica: bool = False,
     ) -> None:
         self.source = source
         self.target = target
+        # As Postgres' own logical replication applies: triggers and foreign-key checks on the
+        # target do not fire again for rows the source already checked (needs a superuser).
+        self._settings: tuple[tuple[str, str], ...] = (("session_replication_role", "replica"),) if replica else ()
         self.max_in_flight = max_in_flight
         self.max_queued_bytes = max_queued_bytes
         self.drain = drain
@@ -487,7 +491,7 @@ class ChangeApplier:
                 seq=pending.seq,
                 database=self.target.database,
                 session=f"cdc xid {txn.begin.xid}",
-                settings=(),  # values are text, read by their types' input functions
+                settings=self._settings,  # (values are text, read by their types' input functions)
                 writes=tuple(txn.writes),
             )
         )

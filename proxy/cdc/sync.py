@@ -915,7 +915,13 @@ class SyncRun:
         await state.update(phase="streaming", confirmed_lsn=format_lsn(confirmed) if confirmed else None)
         self.say(f'streaming changes from slot "{o.slot}" (from {format_lsn(confirmed)}); Ctrl-C to stop')
         self.phase = "streaming"
-        applier = ChangeApplier(repl, self.target, start_lsn=confirmed)
+        replica = bool(result.check is not None and result.check.target_info.get("superuser"))
+        if not replica:
+            self.say(
+                f"note: {self.target.user} is not a superuser on {self.target.backend}: changes are applied with "
+                "the target's triggers and foreign-key checks firing (session_replication_role = replica needs one)"
+            )
+        applier = ChangeApplier(repl, self.target, start_lsn=confirmed, replica=replica)
         self.applier = applier
         applying = asyncio.ensure_future(applier.run(repl))
         before = 0

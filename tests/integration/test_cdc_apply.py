@@ -43,6 +43,9 @@ alter table docs alter column body set storage external;
 create table beat (id int primary key, at timestamptz);
 create schema strict;
 create table strict.t (id int primary key, v int);
+create schema trig;
+create table trig.t (id int primary key, v int);
+create table trig.log (id int);
 """
 TABLES = ("kinds", "pair", "docs", "pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
 SLOT = "cdc_apply"
@@ -76,6 +79,13 @@ def clusters(make_cluster: Callable[..., LocalCluster]) -> Pair:
     new.psql("alter table strict.t add check (v < 100)")
     old.psql(f"create publication {PUB} for table {', '.join(TABLES)}, beat")
     old.psql("create publication strict_pub for table strict.t")
+    # A trigger only the target has (post-data of a schema copy brings the source's along).
+    new.psql(
+        "create function trig.note() returns trigger language plpgsql as "
+        "$$ begin insert into trig.log values (new.id); return new; end $$;"
+        "create trigger note after insert on trig.t for each row execute function trig.note()"
+    )
+    old.psql("create publication trig_pub for table trig.t")
     return Pair(old, new)
 
 
@@ -95,15 +105,16 @@ def endpoint(cluster: LocalCluster) -> Endpoint:
 class Running:
     """A replication connection from the slot and an applier consuming it."""
 
-    def __init__(self, clusters: Pair, slot: str = SLOT, publication: str = PUB) -> None:
+    def __init__(self, clusters: Pair, slot: str = SLOT, publication: str = PUB, *, replica: bool = False) -> None:
         self.clusters = clusters
         self.slot = slot
         self.publication = publication
+        self.replica = replica
 
     async def start(self) -> Running:
         self.conn = await ReplicationConnection.connect(parse_dsn(self.clusters.old.dsn()))
         await self.conn.start(self.slot, 0, [self.publication], status_interval=0.2)
-        self.applier = ChangeApplier(self.conn, endpoint(self.clusters.new))
+        self.applier = ChangeApplier(self.conn, endpoint(self.clusters.new), replica=self.replica)
         self.task = asyncio.create_task(self.applier.run(self.conn))
         return self
 
@@ -265,3 +276,24 @@ async def test_refused_transaction_stops_and_is_not_confirmed(clusters: Pair, sr
     assert (1,) in await fetch(clusters.new, "select id from strict.t")
     assert (2,) not in await fetch(clusters.new, "select id from strict.t")
     await src.execute("select pg_drop_replication_slot('cdc_strict')")
+
+
+@pytest.mark.parametrize("replica", [True, False])
+async def test_target_triggers_fire_only_without_the_replica_role(
+    clusters: Pair, src: asyncpg.Connection, replica: bool
+) -> None:
+    slot = f"cdc_trig_{int(replica)}"
+    await create_slot(clusters, slot)
+    clusters.new.psql("truncate trig.log")
+    running = await Running(clusters, slot, "trig_pub", replica=replica).start()
+    try:
+        await src.execute(f"insert into trig.t values ({10 + int(replica)}, 1)")
+        async with asyncio.timeout(20):  # (polling the target database: no event to wait on)
+            while running.applier.transactions_applied < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert (10 + int(replica),) in await fetch(clusters.new, "select id from trig.t")
+        logged = await fetch(clusters.new, "select id from trig.log")
+        assert logged == ([] if replica else [(10,)])
+    finally:
+        await running.stop()
+        await src.execute(f"select pg_drop_replication_slot('{slot}')")
