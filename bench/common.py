@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -102,3 +104,17 @@ def start_pgshift(config: Path, stderr_path: Path, extra_env: dict[str, str] | N
             stderr=stderr,
             start_new_session=True,
         )
+
+
+def client_and_mode_lists(parser: argparse.ArgumentParser, args: argparse.Namespace, modes: Sequence[str]) -> None:
+    """--clients and --modes (comma-separated) as ``args.client_list`` / ``args.mode_list``;
+    a bad value is a usage error naming the option."""
+    try:
+        args.client_list = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        parser.error("--clients must be comma-separated integers")
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.client_list or min(args.client_list) < 1:
+        parser.error("--clients needs at least one positive integer")
+    if unknown := set(args.mode_list) - set(modes):
+        parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(modes)}")

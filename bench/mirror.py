@@ -450,15 +450,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", type=float, default=1.0, help="poll /api/mirror every N s during a run (0: off)")
     parser.add_argument("--json", action="store_true", help="print raw results as JSON instead of tables")
     args = parser.parse_args(argv)
-    try:
-        args.client_list = [int(c) for c in args.clients.split(",") if c.strip()]
-    except ValueError:
-        parser.error("--clients must be comma-separated integers")
-    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not args.client_list or min(args.client_list) < 1:
-        parser.error("--clients needs at least one positive integer")
-    if unknown := set(args.mode_list) - set(MODES):
-        parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    common.client_and_mode_lists(parser, args, MODES)
     if args.rounds < 1 or args.seconds < 1 or args.scale < 1:
         parser.error("--rounds, --seconds and --scale must be at least 1")
     return args

@@ -310,15 +310,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     parser.add_argument("--json", action="store_true", help="print results as JSON instead of tables")
     args = parser.parse_args(argv)
-    try:
-        args.client_list = [int(c) for c in args.clients.split(",") if c.strip()]
-    except ValueError:
-        parser.error("--clients must be comma-separated integers")
-    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not args.client_list or min(args.client_list) < 1:
-        parser.error("--clients needs at least one positive integer")
-    if unknown := set(args.mode_list) - set(MODES):
-        parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    common.client_and_mode_lists(parser, args, MODES)
     return args
 
 
