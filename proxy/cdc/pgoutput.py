@@ -140,6 +140,11 @@ class _Reader:
             raise self.error(f"{len(self.data) - self.pos} unexpected bytes at the end")
 
 
+# _HOT: the messages made for every change (TupleData, Begin, Commit, Insert, Update, Delete,
+# XLogData) are plain slotted dataclasses, not frozen ones: a frozen dataclass's __init__ sets each
+# field through object.__setattr__ and costs four times as much, which a stream of thousands of
+# transactions a second feels. Treat them as immutable all the same.
+
 # --- tuple data ------------------------------------------------------------------------------
 
 
@@ -163,7 +168,7 @@ KIND_TEXT: Final = ord("t")
 KIND_BINARY: Final = ord("b")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see _HOT
 class TupleData:
     """One row image. ``kinds`` holds each column's kind byte (b"tnub": text, null, unchanged
     TOAST, binary), so a value's format is known without a parallel list of objects."""
@@ -179,32 +184,51 @@ class TupleData:
 
 
 def _tuple_data(r: _Reader) -> TupleData:
-    count = r.i16()
+    # The hottest loop of the decoder: positions in locals, no method call per column.
+    data = r.data
+    size = len(data)
+    pos = r.pos
+    if pos + 2 > size:
+        raise r.error("truncated")
+    count = _I16.unpack_from(data, pos)[0]
+    pos += 2
     if count < 0:
         raise r.error(f"negative column count {count}")
     values: list[Value] = []
+    append = values.append
     kinds = bytearray(count)
+    unpack_i32 = _I32.unpack_from
     for i in range(count):
-        kind = r.u8()
+        if pos >= size:
+            raise r.error("truncated")
+        kind = data[pos]
+        pos += 1
         if kind in (KIND_TEXT, KIND_BINARY):
-            length = r.i32()
+            if pos + 4 > size:
+                raise r.error("truncated")
+            length = unpack_i32(data, pos)[0]
+            pos += 4
             if length < 0:
                 raise r.error(f"negative length {length} for column {i + 1}")
-            values.append(r.take(length))
+            if pos + length > size:
+                raise r.error("truncated")
+            append(data[pos : pos + length])
+            pos += length
         elif kind == KIND_NULL:
-            values.append(None)
+            append(None)
         elif kind == KIND_UNCHANGED:
-            values.append(UNCHANGED)
+            append(UNCHANGED)
         else:
             raise r.error(f"unknown kind {chr(kind)!r} for column {i + 1}")
         kinds[i] = kind
+    r.pos = pos
     return TupleData(tuple(values), bytes(kinds))
 
 
 # --- the messages ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see _HOT
 class Begin:
     """Start of a transaction: ``final_lsn`` is where its commit record starts."""
 
@@ -213,7 +237,7 @@ class Begin:
     xid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see _HOT
 class Commit:
     """End of a transaction. ``end_lsn`` (just past the commit record) is the position to confirm
     once the transaction is applied: a slot re-sends every transaction whose commit record starts
@@ -284,7 +308,7 @@ class TypeMessage:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see _HOT
 class Insert:
     relation_id: int
     new: TupleData
@@ -295,7 +319,7 @@ class Insert:
 OldKind = Literal["K", "O"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see _HOT
 class Update:
     """A row update. ``old`` is None when the key did not change under the default replica
     identity: the key is then found in ``new``. Columns in ``new`` may be UNCHANGED."""
@@ -306,7 +330,7 @@ class Update:
     old_kind: OldKind | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see _HOT
 class Delete:
     relation_id: int
     old: TupleData
@@ -514,7 +538,7 @@ class RelationCache:
 # --- replication CopyData framing ------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see _HOT
 class XLogData:
     """'w': a piece of the stream. For logical replication ``payload`` is one pgoutput message and
     ``start_lsn`` its position (a Commit's is the end of the commit record)."""

@@ -609,7 +609,7 @@ class ReplicationConnection:
             self._reading_paused = False
             self._conn.resume_reading()
         message = decode_message(item.payload)
-        if isinstance(message, Relation | TypeMessage):
+        if isinstance(message, (Relation, TypeMessage)):  # (a tuple: faster than a union)
             self.relations.update(message)
         elif isinstance(message, Begin):
             self._in_txn = True

@@ -46,6 +46,7 @@ create table strict.t (id int primary key, v int);
 create schema trig;
 create table trig.t (id int primary key, v int);
 create table trig.log (id int);
+create table uniq (id int primary key, u text unique);
 """
 TABLES = ("kinds", "pair", "docs", "pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
 SLOT = "cdc_apply"
@@ -86,6 +87,7 @@ def clusters(make_cluster: Callable[..., LocalCluster]) -> Pair:
         "create trigger note after insert on trig.t for each row execute function trig.note()"
     )
     old.psql("create publication trig_pub for table trig.t")
+    old.psql("create publication uniq_pub for table uniq")
     return Pair(old, new)
 
 
@@ -105,16 +107,19 @@ def endpoint(cluster: LocalCluster) -> Endpoint:
 class Running:
     """A replication connection from the slot and an applier consuming it."""
 
-    def __init__(self, clusters: Pair, slot: str = SLOT, publication: str = PUB, *, replica: bool = False) -> None:
+    def __init__(
+        self, clusters: Pair, slot: str = SLOT, publication: str = PUB, *, replica: bool = False, **options: int
+    ) -> None:
         self.clusters = clusters
         self.slot = slot
         self.publication = publication
         self.replica = replica
+        self.options = options
 
     async def start(self) -> Running:
         self.conn = await ReplicationConnection.connect(parse_dsn(self.clusters.old.dsn()))
         await self.conn.start(self.slot, 0, [self.publication], status_interval=0.2)
-        self.applier = ChangeApplier(self.conn, endpoint(self.clusters.new), replica=self.replica)
+        self.applier = ChangeApplier(self.conn, endpoint(self.clusters.new), replica=self.replica, **self.options)
         self.task = asyncio.create_task(self.applier.run(self.conn))
         return self
 
@@ -206,9 +211,15 @@ line2	tab \\ backslash'),
 ]
 
 
-async def test_stream_applied_row_by_row_with_restart_and_confirmation(clusters: Pair, src: asyncpg.Connection) -> None:
+# As replica, batches are applied as their net change (render_compacted); otherwise in source order.
+@pytest.mark.parametrize("replica", [False, True], ids=["in-order", "net-change"])
+async def test_stream_applied_row_by_row_with_restart_and_confirmation(
+    clusters: Pair, src: asyncpg.Connection, replica: bool
+) -> None:
+    for cluster in (clusters.old, clusters.new):
+        cluster.psql("truncate kinds, pair, docs")
     await create_slot(clusters, SLOT)
-    first = await Running(clusters).start()
+    first = await Running(clusters, replica=replica).start()
     for sql in CHANGES:
         await src.execute(sql)
     await asyncio.to_thread(pgbench, clusters.old, "-T", "3", "-c", "4")
@@ -227,11 +238,15 @@ async def test_stream_applied_row_by_row_with_restart_and_confirmation(clusters:
     await first.kill()
     killed_at = await slot_lsn(src)
     assert killed_at <= first.applier.confirmed_lsn
-    second = await Running(clusters).start()
+    second = await Running(clusters, replica=replica).start()
     await bench
     await src.execute("update docs set title = 'after restart' where id = 10")
     await second.catch_up(src)
     await compare(clusters)
+
+    assert second.applier.retried_exactly == 0
+    if replica:  # pgbench at 4 clients outran the target now and then: batches of several transactions
+        assert second.applier.batches_applied < second.applier.transactions_applied
 
     # The target blocked: the slot does not move past what it committed.
     target = await asyncpg.connect(clusters.new.dsn())
@@ -297,3 +312,33 @@ async def test_target_triggers_fire_only_without_the_replica_role(
     finally:
         await running.stop()
         await src.execute(f"select pg_drop_replication_slot('{slot}')")
+
+
+async def test_refused_batch_is_applied_again_one_by_one(clusters: Pair, src: asyncpg.Connection) -> None:
+    """Two rows swap a unique value through a third: fine in source order, a unique violation as
+    one net-change statement. The batch is applied again in order, and batching resumes."""
+    await create_slot(clusters, "cdc_uniq")
+    running = await Running(clusters, "cdc_uniq", "uniq_pub", replica=True).start()
+    try:
+        await src.execute("insert into uniq values (1, 'a'), (2, 'b')")
+        await src.execute(
+            "begin; update uniq set u = 'x' where id = 1; update uniq set u = 'a' where id = 2;"
+            " update uniq set u = 'b' where id = 1; commit"
+        )
+        await src.execute("insert into uniq values (3, 'c')")
+        async with asyncio.timeout(20):  # (polling the target database: no event to wait on)
+            while running.applier.transactions_applied < 3:
+                if running.task.done():
+                    running.task.result()
+                await asyncio.sleep(0.05)
+        assert await fetch(clusters.new, "select id, u from uniq order by id") == [(1, "b"), (2, "a"), (3, "c")]
+        assert running.applier.retried_exactly == 1
+        await src.execute("update uniq set u = 'd' where id = 3")
+        async with asyncio.timeout(20):
+            while running.applier.transactions_applied < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert await fetch(clusters.new, "select u from uniq where id = 3") == [("d",)]
+        assert running.applier._exact_until is None  # batching again
+    finally:
+        await running.stop()
+        await src.execute("select pg_drop_replication_slot('cdc_uniq')")
