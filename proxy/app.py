@@ -7,11 +7,10 @@ import gc
 import logging
 import signal
 import socket
-import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.admin.api import AdminApi
 from proxy.admin.metrics import build_registry
@@ -133,16 +132,15 @@ async def _reload(plane: ControlPlane) -> None:
     )
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop (a Protocol-based relay on uvloop is what makes Python fast enough here)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a hard dependency; keep working without it
         log.warning("uvloop is not installed; running on the default asyncio loop (slower)")
-        asyncio.run(main)
-        return
-    if sys.version_info >= (3, 12):
-        uvloop.run(main)
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main)
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)

@@ -269,12 +269,11 @@ def _sync_endpoints(args: argparse.Namespace) -> tuple[Endpoint, Endpoint]:
 
 def _sync_run(work: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run ``work`` (a coroutine function); an unreachable database is exit 3, not 2."""
-    import asyncio
-
+    from proxy.app import run
     from proxy.cdc.sqlconn import DatabaseUnreachable
 
     try:
-        return asyncio.run(work())
+        return run(work())  # on uvloop, as the proxy: a COPY or a change stream relays faster
     except DatabaseUnreachable as exc:
         print(f"pgshift: {exc.message}", file=sys.stderr)
         if exc.hint:
@@ -611,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync_start.add_argument("--workers", type=_count(1), default=4, metavar="N", help="parallel copies (default 4)")
     sync_start.add_argument(
-        "--chunk-rows", type=_count(1), default=100_000, metavar="N", help="rows per copy chunk (default 100000)"
+        "--chunk-rows", type=_count(1), default=1_000_000, metavar="N", help="rows per copy chunk (default 1000000)"
     )
     sync_start.add_argument(
         "--publication", default="pgshift_sync", metavar="NAME", help="the publication (default pgshift_sync)"

@@ -72,6 +72,7 @@ class BackendConnection(asyncio.Protocol):
         self.closed = False
         self._sink: BackendSink | None = None
         self._on_data: Callable[[bytes], None] | None = None
+        self._scan = True
         self._reader = FrameReader(max_message_size)
         self._inbox = bytearray()
         self._messages: deque[tuple[int, bytes]] = deque()
@@ -202,17 +203,23 @@ class BackendConnection(asyncio.Protocol):
 
     # --- relay ---------------------------------------------------------------------------
 
-    def attach(self, sink: BackendSink, on_data: Callable[[bytes], None] | None = None) -> bytes:
+    def attach(self, sink: BackendSink, on_data: Callable[[bytes], None] | None = None, *, scan: bool = True) -> bytes:
         """Switch to relay mode; returns replies already received (to send to the client).
-        ``on_data`` replaces ``sink.backend_data`` (e.g. a partial that names this connection)."""
+        ``on_data`` replaces ``sink.backend_data`` (e.g. a partial that names this connection).
+        ``scan=False``: the bytes go to the sink as they arrive, without the reply scanner (a
+        sink that frames the replies itself and injects nothing: the scanner would walk every
+        message a second time, which a COPY of millions of rows feels)."""
         self._sink = sink
         self._on_data = on_data or sink.backend_data
+        self._scan = scan
         leftover = self._reader.take_buffered() + bytes(self._inbox)
         self._inbox.clear()
         # Async messages (notices, parameter changes) that arrived right behind ReadyForQuery.
         pending = b"".join(frame(code, body) for code, body in self._messages)
         self._messages.clear()
-        return self.scanner.feed(pending + leftover) if pending or leftover else b""
+        if not (pending or leftover):
+            return b""
+        return self.scanner.feed(pending + leftover) if scan else pending + leftover
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
@@ -232,7 +239,7 @@ class BackendConnection(asyncio.Protocol):
             self._wake()
             return
         try:
-            out = self.scanner.feed(data)
+            out = self.scanner.feed(data) if self._scan else data
         except PgShiftError as exc:
             self._fail(exc)
             return

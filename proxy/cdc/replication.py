@@ -368,7 +368,7 @@ class ReplicationConnection:
         except BackendRejected as exc:
             raise server_error(source, "replication connection", exc.fields, user) from None
         self = cls(conn, source, user, max_message_size)
-        leftover = conn.attach(self._sink)
+        leftover = conn.attach(self._sink, scan=False)
         if leftover:
             self._sink.backend_data(leftover)
         return self

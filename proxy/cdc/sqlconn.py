@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ _DATA_ROW = BackendCode.DATA_ROW.value
 _ERROR = BackendCode.ERROR_RESPONSE.value
 _READY = BackendCode.READY_FOR_QUERY.value
 _COPY_DATA = BackendCode.COPY_DATA.value
+_U32 = struct.Struct("!I")
 _COPY_IN = BackendCode.COPY_IN_RESPONSE.value
 _COPY_OUT = BackendCode.COPY_OUT_RESPONSE.value
 _COMPLETE = BackendCode.COMMAND_COMPLETE.value
@@ -130,31 +132,75 @@ class _Framer(BackendSink):
     def __init__(self, owner: SqlConnection) -> None:
         self._owner = owner
         self._reader = FrameReader(MAX_MESSAGE_SIZE)
+        self._in_copy = False  # COPY OUT rows are arriving: _forward_copy takes them
+        self._copy_rest = 0  # bytes of the current CopyData frame still to come
+        self._copy_head = b""  # the first bytes (< 5) of a frame header cut by the chunk's end
 
     def backend_data(self, data: bytes) -> None:
-        buf, frames = self._reader.feed(data)
         owner = self._owner
-        forward = owner._copy_forward
-        if forward is None:
+        while data:
+            if self._in_copy and owner._copy_forward is not None:
+                data = self._forward_copy(data)
+                if not data:
+                    return
+                self._in_copy = False  # CopyDone, or an error: the rows have ended
+            buf, frames = self._reader.feed(data)
+            data = b""
             for code, start, end in frames:
                 owner._received(code, buf[start + 5 : end])
-            return
-        # COPY OUT: consecutive CopyData frames go on as one slice of what arrived (frames are
-        # contiguous), not one call and one copy per row.
-        run_start = run_end = count = 0
-        for code, start, end in frames:
-            if code == _COPY_DATA:
-                if not count:
-                    run_start = start
-                run_end = end
-                count += 1
-                continue
-            if count:
-                forward(buf[run_start:run_end], count)
-                count = 0
-            owner._received(code, buf[start + 5 : end])
-        if count:
-            forward(buf[run_start:run_end], count)  # (a whole-buffer slice is the buffer itself)
+                if code == _COPY_OUT and owner._copy_forward is not None:
+                    # The rows follow: the rest of the chunk, and the reader's tail (a message
+                    # cut short), go round again, the fast way.
+                    self._in_copy = True
+                    data = buf[end:] + self._reader.take_buffered()
+                    break
+
+    def _forward_copy(self, data: bytes) -> bytes:
+        """The COPY OUT fast path: forwards the CopyData frames at the start of ``data`` as they
+        came, without decoding them, and returns what follows them (CopyDone and the rest).
+
+        One walk over the frame headers, no object per row: a table of millions of rows passes
+        through here. A frame cut by the end of the chunk is forwarded in part at once (the
+        target's COPY IN reads a byte stream; a source that fails mid-frame closes the target's
+        connection, which rolls its COPY back)."""
+        forward = self._owner._copy_forward
+        assert forward is not None
+        if self._copy_head:
+            data = self._copy_head + data
+            self._copy_head = b""
+        n = len(data)
+        pos = 0
+        rest = self._copy_rest
+        if rest:
+            pos = rest if rest < n else n
+            self._copy_rest = rest - pos
+            if pos == n:
+                forward(data, 0)
+                return b""
+        count = 0
+        unpack = _U32.unpack_from
+        while n - pos >= 5:
+            if data[pos] != _COPY_DATA:
+                break
+            length = unpack(data, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"{self._owner.endpoint.backend} sent a CopyData message of length {length}")
+            end = pos + 1 + length
+            count += 1
+            if end >= n:
+                self._copy_rest = end - n
+                pos = n
+                break
+            pos = end
+        else:
+            if pos < n and data[pos] == _COPY_DATA:
+                self._copy_head = data[pos:]  # a header cut short: wait for the rest of it
+                if pos:
+                    forward(data[:pos], count)
+                return b""
+        if pos:
+            forward(data if pos == n else data[:pos], count)
+        return data[pos:]
 
     def backend_lost(self, conn: BackendConnection, exc: BaseException | None) -> None:
         self._owner._lost(exc)
@@ -207,7 +253,7 @@ class SqlConnection:
             raise DatabaseUnreachable(f"cannot connect to {endpoint.label()}: {exc.message}", hint=exc.hint) from None
         self = cls(conn, endpoint)
         sink = _Framer(self)
-        leftover = conn.attach(sink)
+        leftover = conn.attach(sink, scan=False)
         if leftover:
             sink.backend_data(leftover)
         return self

@@ -62,7 +62,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.cdc.backfill import PROGRESS_TABLE, BackfillReport, TableProgress, backfill
+from proxy.cdc.backfill import DEFAULT_CHUNK_ROWS, PROGRESS_TABLE, BackfillReport, TableProgress, backfill
 from proxy.cdc.changes import ChangeApplier
 from proxy.cdc.checks import CheckReport, run_check
 from proxy.cdc.pgoutput import format_lsn, parse_lsn
@@ -123,7 +123,7 @@ class SyncError(PgShiftError):
 class SyncOptions:
     tables: list[str] | None = None
     workers: int = 4
-    chunk_rows: int = 100_000
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
     slot: str = DEFAULT_SLOT
     publication: str = DEFAULT_PUBLICATION
     status_interval: float = STATUS_INTERVAL

@@ -332,7 +332,7 @@ class ApplyStream(BackendSink):
             self.state = StreamState.RUNNING
         self.down_since = None
         # Replies from here on go to backend_data (notices that came right behind the login first).
-        leftover = conn.attach(self)
+        leftover = conn.attach(self, scan=False)
         if leftover:
             self.backend_data(leftover)
         pump = asyncio.ensure_future(self._pump(conn))
