@@ -5,8 +5,9 @@ Throw-away clusters "old" and "new" on this machine. ``pgbench -i -s SCALE`` on 
 an order alternated round by round, the same data copied to a fresh database on new by:
 
 * ``pgcopydb``: ``pgcopydb clone --table-jobs 4 --index-jobs 4`` (schema, data, indexes, vacuum);
-* ``pgshift sync``: ``python -m proxy sync start --workers 4`` into the schema made beforehand (primary
-  keys in place, as a sync requires), timed until ``sync status`` reports phase streaming;
+* ``pgshift sync``: ``python -m proxy sync start --schema --workers 4`` into an empty database, like
+  pgcopydb clone: the source's schema (pg_dump pre-data), the copy, then the keys and indexes
+  (post-data), timed until ``sync status`` reports phase streaming;
 * ``pgshift copy+pk``: like with like for pgcopydb: the tables created without indexes, pgshift's copy
   (the very function ``sync start`` runs), then the primary keys built afterwards.
 
@@ -277,9 +278,12 @@ def run_pgcopydb(run: BackfillRun, children: Children, old: LocalCluster, new: L
     return argv
 
 
+SYNC_ARGS = ("start", "--schema", "--workers", "4", "--status-interval", "1")
+
+
 def start_sync(children: Children, config: Path, logfile: Path) -> subprocess.Popen[bytes]:
     with logfile.open("wb") as err:
-        return children.spawn(sync_argv(config, "start", "--workers", "4", "--status-interval", "1"),
+        return children.spawn(sync_argv(config, *SYNC_ARGS),
                               stdout=subprocess.DEVNULL, stderr=err, env=pgshift_env(), cwd=REPO_ROOT)  # fmt: skip
 
 
@@ -312,8 +316,7 @@ def stop_sync(children: Children, proc: subprocess.Popen[bytes], config: Path) -
 def run_sync(run: BackfillRun, children: Children, new: LocalCluster, config: Path, workdir: Path,
              timeout: float) -> tuple[subprocess.Popen[bytes], Path]:  # fmt: skip
     dbname = DATABASES[SYNC]
-    recreate(new, dbname)
-    make_schema(children, new, dbname, keys=True)
+    recreate(new, dbname)  # empty: --schema copies the schema
     logfile = workdir / f"sync-{run.round}.log"
     began = time.monotonic()
     proc = start_sync(children, config, logfile)
@@ -324,7 +327,7 @@ def run_sync(run: BackfillRun, children: Children, new: LocalCluster, config: Pa
     copy = float(summary.group(4)) if summary else None
     run.phases = {
         "copy (its own report)": copy,
-        "check+slot+stream start": run.seconds - copy if copy is not None else None,
+        "check, schema, slot, keys, stream start": run.seconds - copy if copy is not None else None,
         "copy MB (binary COPY payload)": float(summary.group(3)) if summary else None,
         "pgshift process CPU": cpu,
     }
@@ -654,8 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                     else:
                         sync_proc, logfile = run_sync(run, children, new, config, workdir, args.timeout)
-                        commands[SYNC] = " ".join(sync_argv(Path("pgshift.toml"), "start", "--workers", "4",
-                                                            "--status-interval", "1")[1:])  # fmt: skip
+                        commands[SYNC] = " ".join(sync_argv(Path("pgshift.toml"), *SYNC_ARGS)[1:])
                         commands["sync stop"] = " ".join(sync_argv(Path("pgshift.toml"), "stop", "--force")[1:])
                         if not last:
                             stop_sync(children, sync_proc, config)

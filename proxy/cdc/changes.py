@@ -117,6 +117,7 @@ class _Table:
     keys: tuple[int, ...]  # indexes of the replica identity columns
     json_names: tuple[str, ...]  # each column name as a JSON string
     raw: tuple[bool, ...]  # the value is JSON text already (json, jsonb)
+    any_raw: bool  # a json or jsonb column: values may need a fixup
 
     @classmethod
     def of(cls, rel: Relation) -> _Table:
@@ -126,6 +127,7 @@ class _Table:
             keys=tuple(i for i, c in enumerate(rel.columns) if c.key),
             json_names=tuple(encode_basestring(c.name) for c in rel.columns),
             raw=tuple(c.type_oid in _JSON_TYPES for c in rel.columns),
+            any_raw=any(c.type_oid in _JSON_TYPES for c in rel.columns),
         )
 
     def json(self, values: Sequence[Value], indexes: Sequence[int], fixups: list[int] | None = None) -> bytes:
@@ -152,7 +154,9 @@ class _Table:
 
     def scalars(self, values: Sequence[Value], indexes: Iterable[int]) -> list[int]:
         """The indexes of json/jsonb values that ``json`` sends as null (see there)."""
-        out = []
+        out: list[int] = []
+        if not self.any_raw:
+            return out
         for i in indexes:
             value = values[i]
             if self.raw[i] and isinstance(value, bytes):
@@ -213,9 +217,11 @@ class _TxnChanges:
         self.size += write.size
 
 
-def _present(change: _RowChange) -> list[int]:
+def _present(change: _RowChange) -> Sequence[int]:
     if change.op is ImageOp.DELETE:
         return [i for i in change.table.keys if change.values[i] is not UNCHANGED]
+    if change.op is ImageOp.UPSERT:
+        return range(len(change.values))  # (a whole row: nothing is UNCHANGED)
     return [i for i, v in enumerate(change.values) if v is not UNCHANGED]
 
 
