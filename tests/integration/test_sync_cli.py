@@ -4,6 +4,7 @@ nothing lost or duplicated, and no slot or publication left behind by `sync stop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -169,6 +170,60 @@ def test_failed_start_leaves_nothing(clusters: TwoClusters, config: Path, stray:
     code, report = status(config, "--slot", "failing")
     assert report["phase"] == "stopped" and report["slot"] is None and not report["sync"]
     assert "strict_t" in report["last_error"]
+
+
+def test_killed_during_the_copy_resumes_from_its_chunks(clusters: TwoClusters, config: Path, tmp_path: Path) -> None:
+    old, new = clusters.old, clusters.new
+    # Each chunk's COPY waits a little on the target, so that the kill lands in the middle of the copy.
+    new.psql(
+        "create function slow() returns trigger language plpgsql as"
+        " $$ begin perform pg_sleep(0.03); return null; end $$;"
+        "create trigger slow after insert on pgbench_accounts for each statement execute function slow()"
+    )
+    load = pgbench(old, "-c", "2", "-T", "6", wait=False)
+    try:
+        sync = Sync(config, tmp_path, "--workers", "1", "--chunk-rows", "4000")  # 50 chunks of accounts
+        deadline = time.monotonic() + 40
+        done: dict[tuple[str, int], Any] = {}
+        while time.monotonic() < deadline and len(done) < 5:
+            assert sync.proc.poll() is None, sync.output()
+            with contextlib.suppress(psycopg.Error), psycopg.connect(new.dsn(), autocommit=True) as conn:
+                rows = conn.execute("select table_name, chunk, done_at from pgshift_backfill where done_at is not null")
+                done = {(t, c): at for t, c, at in rows}
+            time.sleep(0.02)
+        sync.terminate(signal.SIGKILL)
+        total = fetch(new, "select count(*) from pgshift_backfill")
+        finished = fetch(new, "select count(*) from pgshift_backfill where done_at is not null")
+        assert 5 <= finished < total, (finished, total)
+
+        again = Sync(config, tmp_path, "--workers", "2", "--chunk-rows", "4000")
+        again.wait_streaming(config, timeout=60)
+        _, err = load.communicate(timeout=60)
+        assert load.returncode == 0, err.decode()
+        again.wait_caught_up(config)
+        assert_equal(clusters)
+        assert "resuming" in again.output(), again.output()
+        # The chunks finished before the kill were not copied again.
+        with psycopg.connect(new.dsn(), autocommit=True) as conn:
+            for (table, chunk), at in done.items():
+                row = conn.execute(
+                    "select done_at from pgshift_backfill where table_name = %s and chunk = %s", (table, chunk)
+                ).fetchone()
+                assert row is not None and row[0] == at, (table, chunk)
+        code, out, err = cli(config, "stop", "--force")
+        assert code == 0, out + err
+        again.proc.wait(timeout=30)
+        assert source_objects(old) == (0, 0)
+    finally:
+        if load.poll() is None:
+            load.kill()
+        cli(config, "stop", "--force")
+        # A clean target for the next test: no rows, no sync state.
+        new.psql(
+            "drop trigger slow on pgbench_accounts; drop function slow();"
+            "truncate pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history;"
+            "drop table if exists pgshift_backfill, pgshift_sync_state"
+        )
 
 
 def test_sync_pgbench_kill_restart_stop(clusters: TwoClusters, config: Path, tmp_path: Path) -> None:
