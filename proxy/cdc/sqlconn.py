@@ -353,6 +353,11 @@ class SqlConnection:
         startup = self._conn.startup
         return startup.key.pid if startup is not None and startup.key is not None else None
 
+    @property
+    def gone(self) -> bool:
+        """The connection was lost or closed: every call raises."""
+        return self._gone is not None
+
     def _check_open(self) -> None:
         if self._gone is not None:
             raise self._gone

@@ -306,8 +306,11 @@ class _State:
         )
 
     async def try_update(self, **values: Any) -> None:
-        """An update that must not end the sync when the target is briefly unreachable."""
+        """An update that must not end the sync when the target is briefly unreachable: after a
+        lost connection (the target restarted), the next update connects again."""
         try:
+            if self.tgt.gone:
+                self.tgt = await SqlConnection.connect(self.target)
             await self.update(**values)
         except PgShiftError as exc:
             log.warning("could not record the sync's state on the target: %s", exc.message)
@@ -589,6 +592,7 @@ class SyncRun:
         self.phase = "check"
         self.copy_progress: dict[str, TableProgress] = {}
         self.applier: ChangeApplier | None = None
+        self._state: _State | None = None  # this run's state row writer (its connection may be replaced)
         self._schema_missing: set[str] = set()  # --schema: the tables the check found missing on the target
         self.schema_created: list[str] = []  # --schema: the objects this run created on the target
 
@@ -652,6 +656,8 @@ class SyncRun:
         finally:
             await src.close()
             await tgt.close()
+            if self._state is not None and self._state.tgt is not tgt:
+                await self._state.tgt.close()  # (reconnected by try_update)
 
     async def _run(self, src: SqlConnection, tgt: SqlConnection, report: CheckReport) -> StartResult:
         o, result = self.options, self.result
@@ -711,7 +717,7 @@ class SyncRun:
             # Progress of an earlier sync (its slot, and the changes it held, are gone): copy again.
             if await tgt.query(f"select to_regclass({quote_literal(PROGRESS_TABLE)}) is not null") == [["t"]]:
                 await tgt.query(f"delete from {PROGRESS_TABLE} where table_name = any({_progress_names(tables)})")
-        state = _State(tgt, self.source, self.target, o)
+        state = self._state = _State(tgt, self.source, self.target, o)
         created_publication = created_slot = False
         repl: ReplicationConnection | None = None
         try:

@@ -217,13 +217,60 @@ def test_killed_during_the_copy_resumes_from_its_chunks(clusters: TwoClusters, c
     finally:
         if load.poll() is None:
             load.kill()
-        cli(config, "stop", "--force")
-        # A clean target for the next test: no rows, no sync state.
-        new.psql(
-            "drop trigger slow on pgbench_accounts; drop function slow();"
-            "truncate pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history;"
-            "drop table if exists pgshift_backfill, pgshift_sync_state"
-        )
+        new.psql("drop trigger slow on pgbench_accounts; drop function slow()")
+        reset_target(clusters, config)
+
+
+def reset_target(clusters: TwoClusters, config: Path) -> None:
+    """No sync, and a target without rows or sync state, for the next test."""
+    for cluster in (clusters.old, clusters.new):
+        if not cluster.running:
+            cluster.start()
+    cli(config, "stop", "--force")
+    clusters.new.psql(
+        "truncate pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history;"
+        "drop table if exists pgshift_backfill, pgshift_sync_state"
+    )
+
+
+def ensure_running(sync: Sync, config: Path, tmp_path: Path) -> Sync:
+    """The sync as it is if it rode out the interruption, else a new one (it must have said why)."""
+    if sync.proc.poll() is None:
+        return sync
+    assert sync.proc.returncode != 0 and "sync failed" in sync.output(), sync.output()
+    return Sync(config, tmp_path)
+
+
+def test_databases_restarted_while_streaming(clusters: TwoClusters, config: Path, tmp_path: Path) -> None:
+    old, new = clusters.old, clusters.new
+    sync = Sync(config, tmp_path)
+    try:
+        sync.wait_streaming(config)
+        pgbench(old, "-c", "2", "-t", "200")
+
+        # The target goes away while the source takes writes, then comes back.
+        new.stop()
+        pgbench(old, "-c", "2", "-t", "300")
+        time.sleep(1)
+        new.start()
+        sync = ensure_running(sync, config, tmp_path)
+        sync.wait_streaming(config)
+        sync.wait_caught_up(config)
+        assert_equal(clusters)
+
+        # The source restarts: the stream resumes from the slot's position.
+        old.stop()
+        time.sleep(1)
+        old.start()
+        pgbench(old, "-c", "2", "-t", "300")
+        sync = ensure_running(sync, config, tmp_path)
+        sync.wait_streaming(config)
+        sync.wait_caught_up(config)
+        assert_equal(clusters)
+        assert "resuming" in sync.output()
+    finally:
+        reset_target(clusters, config)
+        sync.proc.wait(timeout=30)
 
 
 def test_sync_pgbench_kill_restart_stop(clusters: TwoClusters, config: Path, tmp_path: Path) -> None:
