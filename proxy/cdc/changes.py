@@ -516,20 +516,46 @@ class ChangeApplier:
     # --- consuming the stream --------------------------------------------------------------------
 
     async def _consume(self, stream: AsyncIterator[ChangeEvent]) -> None:
-        async for event in stream:
-            message = event.message
-            if isinstance(message, _CHANGE_TYPES):
-                txn = self._txn
-                if txn is None:
-                    raise ProtocolViolation(f"pgoutput change outside a transaction at {format_lsn(event.lsn)}")
-                self._change(txn, message, event.lsn)
-            elif isinstance(message, Relation):
-                self._tables[message.relation_id] = _Table.of(message)
-            elif isinstance(message, Begin):
-                self._txn = _TxnChanges(message)
-            elif isinstance(message, Commit):
-                await self._commit(message)
-            # (Origin, Type and logical messages change nothing on the target.)
+        next_batch = getattr(stream, "next_batch", None)
+        if next_batch is None:  # any async iterator of events (tests)
+            async for event in stream:
+                if self._event(event) and self._congested():
+                    await self._backpressure()
+            return
+        # A ReplicationConnection: every event waiting at once, no await per message.
+        while batch := await next_batch():
+            for event in batch:
+                if self._event(event) and self._congested():
+                    await self._backpressure()
+
+    def _event(self, event: ChangeEvent) -> bool:
+        """Take one event; True after a Commit (the caller then applies backpressure)."""
+        message = event.message
+        if isinstance(message, _CHANGE_TYPES):
+            txn = self._txn
+            if txn is None:
+                raise ProtocolViolation(f"pgoutput change outside a transaction at {format_lsn(event.lsn)}")
+            self._change(txn, message, event.lsn)
+        elif isinstance(message, Begin):
+            self._txn = _TxnChanges(message)
+        elif isinstance(message, Commit):
+            self._commit(message)
+            return True
+        elif isinstance(message, Relation):
+            self._tables[message.relation_id] = _Table.of(message)
+        # (Origin, Type and logical messages change nothing on the target.)
+        return False
+
+    def _congested(self) -> bool:
+        apply = self._apply
+        assert apply is not None
+        return apply.queued_bytes > self.max_queued_bytes or apply.queued >= MAX_QUEUED_TXNS
+
+    async def _backpressure(self) -> None:
+        """The stream is read no faster than the target applies."""
+        while self._congested():
+            self._progress.clear()
+            await self._progress.wait()
 
     def _table(self, relation_id: int) -> _Table:
         table = self._tables.get(relation_id)
@@ -624,7 +650,7 @@ class ChangeApplier:
             txn.row(ImageOp.PATCH, table, new_key, new)
         _fixup(txn, table, new, present)
 
-    async def _commit(self, commit: Commit) -> None:
+    def _commit(self, commit: Commit) -> None:
         txn = self._txn
         self._txn = None
         if txn is None:
@@ -650,10 +676,6 @@ class ChangeApplier:
             or self._open_bytes >= BATCH_MAX_BYTES
         ):
             self._submit_open()
-        # Backpressure: the stream is read no faster than the target applies.
-        while apply.queued_bytes > self.max_queued_bytes or apply.queued >= MAX_QUEUED_TXNS:
-            self._progress.clear()
-            await self._progress.wait()
 
     def _submit_open(self) -> None:
         pendings, self._open = self._open, []

@@ -604,10 +604,36 @@ class ReplicationConnection:
         item = events.popleft()
         if isinstance(item, PgShiftError):
             raise item
-        self._queued_bytes -= len(item.payload)
-        if self._reading_paused and self._queued_bytes <= QUEUE_LOW_WATER:
-            self._reading_paused = False
-            self._conn.resume_reading()
+        event = self._decode(item)
+        self._freed(len(item.payload))
+        return event
+
+    async def next_batch(self, limit: int = 2000) -> list[ChangeEvent]:
+        """The events waiting (at least one, at most ``limit``), decoded; [] once the stream has
+        ended. What ``async for`` gives one at a time, without an await per message."""
+        events = self._events
+        while not events:
+            if self._phase is not _Phase.STREAMING or self._closed:
+                return []
+            self._changed.clear()
+            await self._changed.wait()
+        out: list[ChangeEvent] = []
+        freed = 0
+        decode = self._decode
+        while events and len(out) < limit:
+            item = events[0]
+            if isinstance(item, PgShiftError):
+                if out:
+                    break  # the events before the error first; the error next time
+                events.popleft()
+                raise item
+            events.popleft()
+            freed += len(item.payload)
+            out.append(decode(item))
+        self._freed(freed)
+        return out
+
+    def _decode(self, item: XLogData) -> ChangeEvent:
         message = decode_message(item.payload)
         if isinstance(message, (Relation, TypeMessage)):  # (a tuple: faster than a union)
             self.relations.update(message)
@@ -617,6 +643,12 @@ class ReplicationConnection:
             self._in_txn = False
             self._delivered_commit_end = message.end_lsn
         return ChangeEvent(item.start_lsn, message)
+
+    def _freed(self, size: int) -> None:
+        self._queued_bytes -= size
+        if self._reading_paused and self._queued_bytes <= QUEUE_LOW_WATER:
+            self._reading_paused = False
+            self._conn.resume_reading()
 
     # --- internals ---------------------------------------------------------------------------
 
