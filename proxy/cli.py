@@ -409,6 +409,391 @@ def _cmd_sync_stop(args: argparse.Namespace) -> int:
     return _sync_run(work)
 
 
+# --- d1: Cloudflare D1 stores for reference tables (issue 8) ------------------------------------
+
+D1_EXIT_CODES = """\
+exit codes (d1 commands):
+  0  done (--check: D1 matches; --apply: every table exists as it should)
+  1  differences found (--check), tables that exist on D1 but differ (--apply leaves them alone),
+     or a table that cannot go to D1 (not found on the source, no primary key)
+  2  usage error, or a local configuration problem (unknown store, token variable not set)
+  3  a database could not be reached: the source Postgres, or D1 (network, 5xx, rate limited)
+  4  D1 refused the request (token 400/401/403, unknown account or database 404, SQL error 7500)
+
+The source tables are read from the store's `source` backend (default: routing.primary) with the
+account the sync commands use (--user, else its mirror_user, else the dsn's user)."""
+
+
+def _d1_store(args: argparse.Namespace) -> tuple[Any, str, Any]:
+    from proxy.config import load_config
+
+    config = load_config(args.config)
+    stores = {name: store for name, store in config.stores.items() if store.kind == "d1"}
+    if args.store is not None:
+        if args.store not in stores:
+            known = ", ".join(sorted(stores)) or "none"
+            raise ConfigError(f"no D1 store {args.store!r} in {args.config} (D1 stores: {known})")
+        name = args.store
+    elif len(stores) == 1:
+        (name,) = stores
+    elif not stores:
+        raise ConfigError(
+            f'{args.config} declares no D1 store: add [stores.NAME] with kind = "d1" (see README "Cloudflare D1")'
+        )
+    else:
+        raise ConfigError(f"{args.config} declares several D1 stores ({', '.join(sorted(stores))}): pass --store NAME")
+    return config, name, stores[name]
+
+
+def _cmd_d1_schema(args: argparse.Namespace) -> int:
+    from proxy.cdc.sqlconn import SqlConnection, resolve_endpoint
+    from proxy.d1.client import D1Client, D1Error
+    from proxy.d1.schema import D1SchemaError, apply_schema, differences, read_pg_tables, schema_sql, to_d1
+
+    config, name, store = _d1_store(args)
+    source = store.source or config.routing.primary
+    endpoint = resolve_endpoint(config, source, user=args.user, database=args.database)
+    mode = "apply" if args.apply else "check" if args.check else "print"
+    client = D1Client.from_store(name, store) if mode != "print" else None  # (--print needs no token)
+
+    async def work() -> int:
+        try:
+            async with await SqlConnection.connect(endpoint, application_name="pgshift-d1") as conn:
+                tables = to_d1(await read_pg_tables(conn, store.tables))
+        except D1SchemaError as exc:
+            _print_failure(exc)
+            return 1
+        if client is None:
+            header = [
+                f'pgshift d1 schema: D1 store "{name}" (database {store.database_id}), from {endpoint.label()}',
+                "STRICT tables; types per README 'Cloudflare D1'. Apply with:",
+                "  wrangler d1 execute <DATABASE> --remote --file <this file>",
+                "or save it as a migration (wrangler d1 migrations create), or run `pgshift d1 schema --apply`.",
+            ]
+            sql = schema_sql(tables, header)
+            if args.json:
+                _print_json({"store": name, "tables": [t.name for t in tables], "sql": sql})
+            else:
+                sys.stdout.write(sql)
+            return 0
+        async with client:
+            try:
+                if mode == "check":
+                    found = await differences(client, tables)
+                    report: dict[str, Any] = {"store": name, "ok": not any(found.values()), "differences": found}
+                    lines = [line for diffs in found.values() for line in diffs]
+                    ok_line = f"D1 store {name}: {len(tables)} table(s) match"
+                else:
+                    result = await apply_schema(client, tables)
+                    report = {
+                        "store": name, "ok": result.ok, "created": result.created,
+                        "unchanged": result.unchanged, "differences": result.differences,
+                    }  # fmt: skip
+                    lines = [f"created table {t}" for t in result.created]
+                    lines += [f"table {t} already matches" for t in result.unchanged]
+                    lines += [f"left alone: {d}" for diffs in result.differences.values() for d in diffs]
+                    ok_line = ""
+            except D1Error as exc:
+                _print_failure(exc)
+                return exc.exit_code
+        if args.json:
+            _print_json(report)
+        else:
+            for line in lines or [ok_line]:
+                print(clean(line))
+        return 0 if report["ok"] else 1
+
+    return _sync_run(work)
+
+
+D1_FEED_EXIT_CODES = """\
+exit codes (d1 sync, status, stop):
+  0  sync: stopped cleanly while streaming (SIGINT/SIGTERM); status: the feed is in order (or there is
+     none); stop: dropped (or nothing to drop)
+  1  sync: it could not start (each problem listed, nothing created) or it failed (the message says what
+     stays and how to resume); status: the slot retains WAL with no feed streaming from it; stop: the slot
+     is in use (pass --force)
+  2  usage error, or a local configuration problem (unknown store, token variable not set)
+  3  the source Postgres or D1 could not be reached (D1: after every retry)
+  4  D1 refused the token, or the account or database is unknown
+  130 sync: interrupted during the backfill (the slot stays; the next run copies again)
+
+The feed's slot and publication on the source are both named pgshift_d1_<store>; whether its backfill
+finished is recorded in D1, in the table _pgshift_feed."""
+
+
+def _d1_feed_setup(args: argparse.Namespace) -> tuple[str, Any, Endpoint]:
+    from proxy.cdc.sqlconn import resolve_endpoint
+
+    config, name, store = _d1_store(args)
+    source = store.source or config.routing.primary
+    return name, store, resolve_endpoint(config, source, user=args.user, database=args.database)
+
+
+def _cmd_d1_sync(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from proxy.cdc.d1feed import D1Feed, FeedOptions
+    from proxy.d1.client import D1Client
+
+    name, store, endpoint = _d1_feed_setup(args)
+    client = D1Client.from_store(name, store)
+    options = FeedOptions(batch_rows=args.batch_rows, status_interval=args.status_interval)
+
+    def say(line: str) -> None:
+        print(clean(line), file=sys.stderr, flush=True)
+
+    async def work() -> int:
+        feed = D1Feed(name, store.tables, endpoint, client, options, say=say)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, feed.request_stop)
+        try:
+            async with client:
+                result = await feed.run()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        if args.json:
+            _print_json(result.as_dict())
+        if result.error is not None:
+            print(f"pgshift: d1 feed failed: {clean(result.error)}", file=sys.stderr)
+            if result.hint:
+                print(f"hint: {clean(result.hint)}", file=sys.stderr)
+        for message in result.messages:
+            print(f"pgshift: {clean(message)}", file=sys.stderr)
+        return result.exit_code
+
+    return _sync_run(work)
+
+
+def _cmd_d1_status(args: argparse.Namespace) -> int:
+    from proxy.cdc.d1feed import feed_status
+    from proxy.d1.client import D1Client
+
+    name, store, endpoint = _d1_feed_setup(args)
+    client = D1Client.from_store(name, store)
+
+    async def work() -> int:
+        async with client:
+            report = await feed_status(name, endpoint, client)
+        if args.json:
+            _print_json(report.as_dict())
+        else:
+            for line in report.lines():
+                print(clean(line))
+        return 0 if report.ok else 1
+
+    return _sync_run(work)
+
+
+def _cmd_d1_stop(args: argparse.Namespace) -> int:
+    from proxy.cdc.d1feed import feed_stop
+    from proxy.d1.client import D1Client
+
+    name, store, endpoint = _d1_feed_setup(args)
+    client = D1Client.from_store(name, store)
+
+    async def work() -> int:
+        async with client:
+            result = await feed_stop(name, endpoint, client, force=args.force)
+        if args.json:
+            _print_json(result.as_dict())
+        else:
+            for line in result.lines:
+                print(clean(line), file=sys.stdout if result.ok else sys.stderr)
+        return 0 if result.ok else 1
+
+    return _sync_run(work)
+
+
+# --- verify and repair: prove old and new hold the same rows (issue 7) ---------------------------
+
+VERIFY_EXIT_CODES = """\
+exit codes (verify, repair):
+  0  no difference: every selected table compared and equal (repair: the rows now match)
+  1  differences remain (each listed with its primary key), or a table could not be compared
+     (missing on the target, no key column there); repair: a row still differs, or the write failed
+  2  usage error, or a local configuration problem (unknown backend, bad --config, bad --state)
+  3  a database could not be reached (or refused the login); the message names the backend
+  4  verify stopped before covering everything (--max-duration, a statement error) and found no
+     difference in what it covered: run it again with the same --state to resume
+
+--from and --to name backends of --config ([backends.NAME]), as for sync. A difference is reported
+only if it is still there after the lag window (--recheck-after) while the source row did not change:
+writes in flight through the proxy or the CDC stream never count."""
+
+
+def _verify_options(args: argparse.Namespace, **overrides: Any) -> Any:
+    from proxy.verify.verify import VerifyOptions
+
+    values = {
+        "mode": args.mode, "tables": _sync_tables(args) if getattr(args, "tables", None) is not None else None,
+        "sample": getattr(args, "sample", 1000), "chunk_rows": args.chunk_rows,
+        "workers": getattr(args, "workers", 2), "rate_limit": getattr(args, "rate_limit", None),
+        "statement_timeout": args.statement_timeout or None, "max_duration": getattr(args, "max_duration", None),
+        "recheck_after": args.recheck_after, "rechecks": args.rechecks, "state_file": getattr(args, "state", None),
+        "max_differences": getattr(args, "max_differences", 10_000),
+    }  # fmt: skip
+    values.update(overrides)
+    return VerifyOptions(**values)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from proxy.cdc.sqlconn import resolve_endpoint
+    from proxy.config import load_config
+    from proxy.verify.verify import verify
+
+    options = _verify_options(args)
+    source, target = _sync_endpoints(args)
+    replica = None
+    if args.source_replica:
+        if args.source_replica in (args.source, args.target):
+            raise ConfigError("--source-replica must name a third backend (a replica of --from)")
+        replica = resolve_endpoint(
+            load_config(args.config), args.source_replica, user=args.user, database=args.database
+        )
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(clean(line), file=sys.stderr, flush=True)
+
+    async def work() -> int:
+        report = await verify(source, target, options, source_read=replica, say=say)
+        data = report.as_dict()
+        if args.report is not None:
+            args.report.write_text(json.dumps(data, indent=2) + "\n")
+        if args.json:
+            _print_json(data)
+        else:
+            for line in report.lines():
+                print(clean(line))
+        return report.exit_code
+
+    return _sync_run(work)
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from proxy.verify.repair import repair
+
+    options = _verify_options(args, tables=None)
+    source, target = _sync_endpoints(args)
+
+    async def work() -> int:
+        result = await repair(
+            source, target, args.table, report=args.from_report, dry_run=args.dry_run, options=options
+        )
+        if args.json:
+            _print_json(result.as_dict())
+        else:
+            for line in result.lines():
+                print(clean(line))
+        return 0 if result.ok else 1
+
+    return _sync_run(work)
+
+
+def _verify_seconds(text: str) -> float:
+    """Seconds, 0 or more (a time box may be long: up to a week)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 7 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds (0 or more, at most 604800)")
+    return value
+
+
+def _add_verify_parsers(sub: Any) -> None:
+    """`pgshift verify` and `pgshift repair` (registered by build_parser)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, default=Path("config.toml"), metavar="PATH", help="default: ./config.toml"
+    )
+    common.add_argument("--from", dest="source", required=True, metavar="OLD", help="the source of truth backend")
+    common.add_argument("--to", dest="target", required=True, metavar="NEW", help="the backend compared with it")
+    common.add_argument("--user", help="connect as this user on both (default: mirror_user, else the dsn's)")
+    common.add_argument("--database", help="database on both (default: the dsn's, else the user's name)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument(
+        "--mode", choices=["checksum", "sample", "full"], default="checksum",
+        help="checksum: every row through checksums of key ranges computed in the databases, drilling down into "
+        "ranges that differ (default); sample: --sample random rows per side and table; full: every row fetched "
+        "and compared here",
+    )  # fmt: skip
+    common.add_argument(
+        "--chunk-rows", type=_count(1), default=10_000, metavar="N", help="rows per checksum chunk (default 10000)"
+    )
+    common.add_argument(
+        "--recheck-after", type=_verify_seconds, metavar="SECONDS",
+        help="the lag window: candidate differences are read again after it (default 2, or twice the lag a running "
+        "sync records on the target)",
+    )  # fmt: skip
+    common.add_argument(
+        "--rechecks", type=_count(0), default=3, metavar="N",
+        help="rechecks of a difference whose source row keeps changing (default 3; 0: report at once, for "
+        "databases nothing writes to)",
+    )  # fmt: skip
+    common.add_argument(
+        "--statement-timeout", type=_verify_seconds, default=60.0, metavar="SECONDS",
+        help="statement_timeout of every verify statement (default 60; 0: none)",
+    )  # fmt: skip
+
+    verify = sub.add_parser(
+        "verify", help="prove old and new hold the same rows: checksums, sampling, row differences",
+        description="Compare every selected table of --from and --to by primary key and list the rows that differ: "
+        "only in one of them, or with different values (and which columns). Values are compared in canonical form "
+        "(numeric scale, float text, time zone, json key order, collations do not matter).",
+        parents=[common], epilog=VERIFY_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    verify.add_argument(
+        "--tables", metavar="T1,T2", help="only these tables (schema-qualified or not); default: all but pgshift_*"
+    )
+    verify.add_argument(
+        "--sample", type=_count(1), default=1000, metavar="N", help="--mode sample: random rows per side (default 1000)"
+    )
+    verify.add_argument(
+        "--workers", type=_count(1), default=2, metavar="N", help="connections per side comparing chunks (default 2)"
+    )
+    verify.add_argument(
+        "--rate-limit", type=_count(1), metavar="ROWS_PER_S", help="compare at most this many rows per second"
+    )
+    verify.add_argument(
+        "--source-replica", metavar="BACKEND",
+        help="read the source side from this backend of the config (a replica of --from) instead",
+    )  # fmt: skip
+    verify.add_argument(
+        "--max-duration", type=_verify_seconds, metavar="SECONDS",
+        help="start no new chunk after this long; report what was covered (exit 4 if incomplete)",
+    )  # fmt: skip
+    verify.add_argument(
+        "--state", type=Path, metavar="FILE",
+        help="progress file: a run stopped by --max-duration (or interrupted) resumes from it when run again",
+    )  # fmt: skip
+    verify.add_argument("--report", type=Path, metavar="FILE", help="also write the JSON report to FILE (for repair)")
+    verify.add_argument(
+        "--max-differences", type=_count(1), default=10_000, metavar="N",
+        help="list at most N differences per table (default 10000)",
+    )  # fmt: skip
+    verify.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    verify.set_defaults(func=_cmd_verify)
+
+    repair = sub.add_parser(
+        "repair", help="rewrite the differing rows of a table on the target from the source",
+        description="For every differing primary key of --table (from --from-report, else found by a verify run "
+        "now): read the source row and, in one target transaction, delete or upsert that key; then compare those "
+        "keys again. No other row is touched.",
+        parents=[common], epilog=VERIFY_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    repair.add_argument("--table", required=True, metavar="T", help="the table to repair (schema-qualified or not)")
+    repair.add_argument(
+        "--from-report", type=Path, metavar="FILE", help="the keys to repair: a report of verify --report/--json"
+    )
+    repair.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
+    repair.set_defaults(func=_cmd_repair)
+
+
 def _count(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         if not re.fullmatch(r"[0-9]+", text) or int(text) < minimum:
@@ -661,6 +1046,73 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="terminate the walsender of a sync still streaming from the slot"
     )
     sync_stop.set_defaults(func=_cmd_sync_stop)
+
+    # d1: Cloudflare D1 stores for read-only reference tables (issue 8).
+    d1 = sub.add_parser("d1", help="Cloudflare D1 stores: the SQLite schema of their tables, the feed into them")
+    d1_sub = d1.add_subparsers(dest="d1_command", required=True, metavar="ACTION")
+    d1_schema = d1_sub.add_parser(
+        "schema", help="print, apply or check the D1 tables derived from the Postgres ones",
+        description="Derive STRICT SQLite tables (same columns, NOT NULL, primary key; types as in README "
+        "'Cloudflare D1') from the source's tables listed in the store. --print (default) writes them as a file for "
+        "`wrangler d1 execute DB --remote --file FILE` or a wrangler migration; --apply creates the missing tables "
+        "through the D1 API (tables that exist are left alone, and listed if they differ); --check lists every "
+        "difference between D1 and the expected tables.",
+        epilog=D1_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    d1_schema.add_argument(
+        "--config", type=Path, default=Path("config.toml"), metavar="PATH", help="default: ./config.toml"
+    )
+    d1_schema.add_argument("--store", metavar="NAME", help="the [stores.NAME] to use (default: the only D1 store)")
+    d1_mode = d1_schema.add_mutually_exclusive_group()
+    d1_mode.add_argument("--print", action="store_true", help="write the schema file to stdout (the default)")
+    d1_mode.add_argument("--apply", action="store_true", help="create the missing tables on D1")
+    d1_mode.add_argument("--check", action="store_true", help="exit 1 and list the differences if D1 differs")
+    d1_schema.add_argument("--user", help="read the source catalog as this user (default: mirror_user, else the dsn's)")
+    d1_schema.add_argument("--database", help="the source database (default: the dsn's, else the user's name)")
+    d1_schema.add_argument("--json", action="store_true", help="machine-readable output")
+    d1_schema.set_defaults(func=_cmd_d1_schema)
+    d1_common = argparse.ArgumentParser(add_help=False)
+    d1_common.add_argument(
+        "--config", type=Path, default=Path("config.toml"), metavar="PATH", help="default: ./config.toml"
+    )
+    d1_common.add_argument("--store", metavar="NAME", help="the [stores.NAME] to use (default: the only D1 store)")
+    d1_common.add_argument("--user", help="connect to the source as this user (default: mirror_user, else the dsn's)")
+    d1_common.add_argument("--database", help="the source database (default: the dsn's, else the user's name)")
+    d1_common.add_argument("--json", action="store_true", help="machine-readable output")
+    d1_sync = d1_sub.add_parser(
+        "sync", help="copy the store's tables into D1, then stream the source's changes into it until stopped",
+        description="Check (the tables on the source, with primary keys; D1's tables as `d1 schema` derives them), "
+        "create publication and logical slot pgshift_d1_<store> on the source, copy the tables into D1 under the "
+        "slot's snapshot (progress on stderr), then apply the change stream as D1 batch requests until "
+        "SIGINT/SIGTERM, confirming to the slot only what D1 accepted. Run it again after any interruption: it "
+        "resumes from the slot (and copies again if the backfill had not finished).",
+        parents=[d1_common], epilog=D1_FEED_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    d1_sync.add_argument(
+        "--batch-rows", type=_count(1), default=2000, metavar="N", help="backfill rows per upsert call (default 2000)"
+    )
+    d1_sync.add_argument(
+        "--status-interval", type=_seconds, default=5.0, metavar="SECONDS",
+        help="seconds between status lines while streaming (default 5)",
+    )  # fmt: skip
+    d1_sync.set_defaults(func=_cmd_d1_sync)
+    d1_status = d1_sub.add_parser(
+        "status", help="the feed's phase, the slot's confirmed LSN and lag",
+        description="Read the feed's slot and publication from the source and its record from D1. Exit 1 when the "
+        "slot retains WAL with no feed streaming from it.",
+        parents=[d1_common], epilog=D1_FEED_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    d1_status.set_defaults(func=_cmd_d1_status)
+    d1_stop = d1_sub.add_parser(
+        "stop", help="drop the feed's slot and publication (and its record in D1)",
+        description="Drop the slot and publication pgshift_d1_<store> on the source and the feed's record in D1 "
+        "(D1's tables and rows stay). Refuses (exit 1) while a feed streams from the slot, unless --force, which "
+        "terminates its walsender.",
+        parents=[d1_common], epilog=D1_FEED_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    d1_stop.add_argument("--force", action="store_true", help="terminate the walsender of a feed still streaming")
+    d1_stop.set_defaults(func=_cmd_d1_stop)
+    _add_verify_parsers(sub)  # verify, repair (issue 7)
     return parser
 
 

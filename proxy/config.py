@@ -377,6 +377,62 @@ class MirrorConfig(BaseModel):
     rules: list[MirrorRule] = []
 
 
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+
+
+class D1StoreConfig(BaseModel):
+    """A Cloudflare D1 database that receives read-only reference tables ([stores.NAME], kind "d1")."""
+
+    model_config = _FROZEN
+    kind: Literal["d1"]
+    account_id: Annotated[str, Field(min_length=1)]
+    database_id: Annotated[str, Field(min_length=1)]
+    # A Cloudflare API token with D1 Read and D1 Edit: literal or env:VAR, read when the store is
+    # used (not when the config is loaded, so a proxy that never touches D1 does not need it).
+    token: Annotated[str, Field(min_length=1)]
+    api_base: str = "https://api.cloudflare.com/client/v4"
+    tables: Annotated[list[str], Field(min_length=1)]  # "table" (schema public) or "schema.table"
+    source: str | None = None  # the backend whose tables feed this store (default: routing.primary)
+    # Client-side request budget (Cloudflare's API allows 1,200 requests per 5 minutes per user).
+    requests_per_window: Annotated[int, Field(ge=1)] = 1200
+    window_seconds: Annotated[float, Field(gt=0)] = 300.0
+    max_request_bytes: Annotated[int, Field(ge=10_000, le=50_000_000)] = 1_000_000
+    timeout: Annotated[float, Field(gt=0, le=600)] = 35.0  # seconds per request (D1 stops a query at 30)
+
+    @model_validator(mode="after")
+    def _check(self) -> D1StoreConfig:
+        parts = urlsplit(self.api_base)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"api_base {self.api_base!r} must be an http(s):// URL")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError(f"api_base {self.api_base!r}: plain http is only allowed to a loopback address")
+        bad = [t for t in self.tables if not _TABLE_NAME.match(t)]
+        if bad:
+            raise ValueError(f"tables: {', '.join(map(repr, bad))} must be written as table or schema.table")
+        names = [t if "." in t else f"public.{t}" for t in self.tables]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tables lists {', '.join(duplicates)} twice")
+        if self.token.startswith("env:") and len(self.token) == 4:
+            raise ValueError('token = "env:" names no variable (e.g. token = "env:CF_API_TOKEN")')
+        return self
+
+    def resolved_token(self, store: str) -> str:
+        """The token, reading ``env:VAR`` now; ConfigError naming the variable if it is unset."""
+        try:
+            token = resolve_secret(self.token, f"stores.{store}.token")
+        except ValueError as exc:
+            raise ConfigError(
+                str(exc), hint=f"export {self.token[4:]}=<a Cloudflare API token with D1 Read and D1 Edit>"
+            ) from None
+        assert token is not None
+        return token
+
+
+StoreConfig = D1StoreConfig
+STORE_KINDS = ("d1",)
+
+
 class Config(BaseModel):
     model_config = _FROZEN
     listen: ListenConfig = ListenConfig()
@@ -387,10 +443,34 @@ class Config(BaseModel):
     mirror: MirrorConfig = MirrorConfig()
     backends: Annotated[dict[str, BackendConfig], Field(min_length=1)]
     routing: RoutingConfig
+    stores: dict[str, StoreConfig] = {}  # write targets other than Postgres: D1 (issue 8)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _store_kinds(cls, data: Any) -> Any:
+        stores = data.get("stores") if isinstance(data, dict) else None
+        if isinstance(stores, dict):
+            for name, store in stores.items():
+                kind = store.get("kind") if isinstance(store, dict) else None
+                if kind is None:
+                    raise ValueError(
+                        f'stores.{name} needs kind (supported: {", ".join(STORE_KINDS)}), e.g. kind = "d1"'
+                    )
+                if kind not in STORE_KINDS:
+                    raise ValueError(
+                        f"stores.{name}.kind = {kind!r} is not supported (supported: {', '.join(STORE_KINDS)})"
+                    )
+        return data
 
     @model_validator(mode="after")
     def _references(self) -> Config:
         problems = self.routing.problems(self.backends)
+        for name, store in self.stores.items():
+            if store.source is not None and store.source not in self.backends:
+                declared = ", ".join(sorted(self.backends))
+                problems.append(
+                    f"stores.{name}.source = {store.source!r} is not a backend; declared backends: {declared}"
+                )
         for name in self.routing.mirrors:
             backend = self.backends.get(name)
             if backend is not None and backend.apply_account is None:

@@ -20,17 +20,23 @@ ALLOWED: dict[str, set[str]] = {
     "routing": {"errors", "config", "sql"},
     "backends": {"errors", "config", "wire", "observability"},
     # change data capture from the old database: pgoutput decoding, the replication connection,
-    # and applying the changes with the dual-write apply stream
-    "cdc": {"errors", "config", "wire", "backends", "mirror"},
+    # and applying the changes with the dual-write apply stream; the D1 feed (cdc/d1feed.py) writes
+    # the changes into a D1 store through the d1 layer
+    "cdc": {"errors", "config", "wire", "backends", "mirror", "d1"},
     # dual write: capture (used by sessions) and the apply streams (own backend connections)
     "mirror": {"errors", "config", "wire", "backends", "routing", "sql"},
+    # Cloudflare D1 as a target for reference tables: the REST API client (httpx), type mapping,
+    # schema and row writes; catalog reads go through a connection the caller passes in
+    "d1": {"errors", "config"},
     "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability", "mirror"},
     "server": {"errors", "config", "session", "routing", "sql", "observability", "mirror"},
     "control": {"errors", "config", "routing", "observability"},
     "admin": {"errors", "config", "server", "control", "observability"},
     "app": {"errors", "config", "server", "routing", "observability", "control", "admin"},
     "demo": {"errors", "config", "localpg", "app"},
-    "cli": {"errors", "config", "app", "demo", "wire", "localpg", "admin", "cdc"},
+    # the validator: compares old and new through the cdc layer's SQL connections (issue 7)
+    "verify": {"errors", "config", "wire", "backends", "cdc"},
+    "cli": {"errors", "config", "app", "demo", "wire", "localpg", "admin", "cdc", "d1", "verify"},
     "__main__": {"cli"},
     "__init__": set(),
 }
@@ -42,6 +48,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "sql": {"asyncio", "socket", "httpx", "asyncpg"},
     "mirror": {"asyncpg"},  # replays the client's own frames: our wire codec, not a driver
     "cdc": {"asyncpg", "pglast"},  # the replication protocol on our own codec
+    "verify": {"asyncpg", "pglast"},  # our own SQL client, like cdc
+    "d1": {"asyncpg", "pglast"},  # HTTP to D1; Postgres only through the caller's connection
 }
 
 
