@@ -1002,7 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync_start.add_argument("--workers", type=_count(1), default=4, metavar="N", help="parallel copies (default 4)")
     sync_start.add_argument(
-        "--chunk-rows", type=_count(1), default=1_000_000, metavar="N", help="rows per copy chunk (default 1000000)"
+        "--chunk-rows", type=_count(1), default=250_000, metavar="N", help="rows per copy chunk (default 250000)"
     )
     sync_start.add_argument(
         "--publication", default="pgshift_sync", metavar="NAME", help="the publication (default pgshift_sync)"

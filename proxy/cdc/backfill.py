@@ -51,7 +51,7 @@ from proxy.errors import PgShiftError
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 4
-DEFAULT_CHUNK_ROWS = 1_000_000  # large chunks copy faster (fewer range scans and commits); resumes lose at most one
+DEFAULT_CHUNK_ROWS = 250_000  # a few chunks per worker for a big table: balance without much per-chunk cost
 PROGRESS_TABLE = "pgshift_backfill"
 APPLICATION_NAME = "pgshift-backfill"
 # How often chunks still running report their bytes (progress between chunk ends).
@@ -419,9 +419,15 @@ async def _stored_plan(tgt: SqlConnection, table: _Table) -> tuple[list[_Chunk],
     return chunks, done
 
 
+_INTEGER_KEYS = frozenset({"smallint", "integer", "bigint"})
+MAX_CHUNKS = 100_000  # (a table's plan is one row per chunk in pgshift_backfill)
+
+
 async def _new_plan(src: SqlConnection, table: _Table, chunk_rows: int) -> list[_Chunk]:
     if not table.key:
         return [_Chunk(table, 0, None, None)]
+    if len(table.key) == 1 and table.key[0]["type"] in _INTEGER_KEYS:
+        return await _integer_plan(src, table, chunk_rows)
     key_text = ", ".join(f"{quote_ident(k['name'])}::text" for k in table.key)
     order = ", ".join(quote_ident(k["name"]) for k in table.key)
     bounds: list[list[str] | None] = [None]
@@ -434,6 +440,27 @@ async def _new_plan(src: SqlConnection, table: _Table, chunk_rows: int) -> list[
             break
         bounds.append(json.loads(rows[0][0]))
     bounds.append(None)
+    return [_Chunk(table, n, bounds[n], bounds[n + 1]) for n in range(len(bounds) - 1)]
+
+
+async def _integer_plan(src: SqlConnection, table: _Table, chunk_rows: int) -> list[_Chunk]:
+    """A single integer key: the range from its least to its greatest value (two index probes)
+    cut into equal parts, about ``chunk_rows`` rows each if the keys are evenly spread. Counting
+    rows with OFFSET, as for other keys, would read every key of the index before the first
+    chunk starts; uneven keys only make uneven chunks."""
+    key = quote_ident(table.key[0]["name"])
+    low, high = (await src.query(f"select min({key})::text, max({key})::text from {table.sql}"))[0]
+    if low is None or high is None:
+        return [_Chunk(table, 0, None, None)]
+    first, last = int(low), int(high)
+    span = last - first + 1
+    # The planner's estimate of the rows (a table never analyzed has none: then as if dense).
+    rows = table.estimated if table.estimated else span
+    parts = min(-(-rows // chunk_rows), span, MAX_CHUNKS)
+    if parts <= 1:
+        return [_Chunk(table, 0, None, None)]
+    step = -(-span // parts)
+    bounds: list[list[str] | None] = [None, *([str(v)] for v in range(first + step, last + 1, step)), None]
     return [_Chunk(table, n, bounds[n], bounds[n + 1]) for n in range(len(bounds) - 1)]
 
 
