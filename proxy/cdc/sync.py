@@ -52,15 +52,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from proxy.cdc.backfill import DEFAULT_CHUNK_ROWS, PROGRESS_TABLE, BackfillReport, TableProgress, backfill
 from proxy.cdc.changes import ChangeApplier
@@ -469,79 +464,6 @@ METRICS_HELP: dict[str, str] = {
 }
 
 
-class SyncCollector(Collector):
-    """Reads a running SyncRun on each scrape (on the event loop: the aiohttp handler calls it)."""
-
-    def __init__(self, run: SyncRun) -> None:
-        self.run = run
-
-    def collect(self) -> Iterator[Metric]:
-        run, h = self.run, METRICS_HELP
-        phase = GaugeMetricFamily("pgshift_sync_phase", h["pgshift_sync_phase"], labels=["phase"])
-        for name in PHASES:
-            phase.add_metric([name], 1.0 if run.phase == name else 0.0)
-        yield phase
-        families = {
-            name: (CounterMetricFamily if name.endswith(("copied",)) else GaugeMetricFamily)(
-                name, h[name], labels=["table"]
-            )
-            for name in ("pgshift_sync_table_rows_copied", "pgshift_sync_table_bytes_copied",
-                         "pgshift_sync_table_chunks_done", "pgshift_sync_table_chunks")
-        }  # fmt: skip
-        for table, t in sorted(run.copy_progress.items()):
-            families["pgshift_sync_table_rows_copied"].add_metric([table], t.rows_before + t.rows)
-            families["pgshift_sync_table_bytes_copied"].add_metric([table], t.bytes)
-            families["pgshift_sync_table_chunks_done"].add_metric([table], t.chunks_done + t.chunks_skipped)
-            families["pgshift_sync_table_chunks"].add_metric([table], t.chunks)
-        yield from families.values()
-        applier = run.applier
-        stats = applier.stats() if applier is not None else None
-        yield CounterMetricFamily(
-            "pgshift_sync_transactions_applied", h["pgshift_sync_transactions_applied"],
-            value=stats.transactions_applied if stats else 0,
-        )  # fmt: skip
-        rows = CounterMetricFamily("pgshift_sync_rows_applied", h["pgshift_sync_rows_applied"], labels=["kind"])
-        for kind, count in sorted((stats.rows if stats else {}).items()):
-            rows.add_metric([kind], count)
-        yield rows
-        for name, value in (
-            ("pgshift_sync_confirmed_lsn", stats.confirmed_lsn if stats else 0),
-            ("pgshift_sync_lag_bytes", stats.lag_bytes if stats else 0),
-            ("pgshift_sync_lag_seconds", stats.lag_seconds if stats else 0.0),
-        ):
-            yield GaugeMetricFamily(name, h[name], value=value)
-
-
-class MetricsServer:
-    """/metrics of a SyncRun on 127.0.0.1:PORT (aiohttp on the run's event loop, a registry of its own)."""
-
-    def __init__(self, run: SyncRun, port: int, host: str = "127.0.0.1") -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SyncCollector(run))
-        self.host, self.port = host, port
-        self._runner: web.AppRunner | None = None
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.port).start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise SyncError(f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self._runner = runner
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-
 # --- start ----------------------------------------------------------------------------------------
 
 
@@ -614,11 +536,13 @@ class SyncRun:
         return False
 
     async def run(self) -> StartResult:
-        metrics: MetricsServer | None = None
+        metrics: Any = None  # a syncmetrics.MetricsServer
         port = self.options.metrics_port
         if port is not None:
             if not 0 < port < 65536:
                 raise SyncError(f"--metrics-port {port} is out of range 1-65535")
+            from proxy.cdc.syncmetrics import MetricsServer  # (aiohttp and prometheus only when asked for)
+
             metrics = MetricsServer(self, port)
             await metrics.start()
             self.say(f"metrics on http://{metrics.host}:{port}/metrics")
