@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,26 @@ import pytest
 
 from proxy.localpg import LocalCluster
 from tests.support.proxy import ProxyThread, single_backend_config
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With PGSHIFT_TEST_LOOP=asyncio, only the tests that start a proxy run: the variable picks
+    the loop of ProxyThread (and of `serve` in test_large) and nothing else. pytest-asyncio tests
+    always run on the stock loop, and the CLI (sync, verify, d1, demo) always on uvloop, so the
+    other tests would only run again unchanged."""
+    if os.environ.get("PGSHIFT_TEST_LOOP", "uvloop") != "asyncio":
+        return
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        module = getattr(item, "module", None)
+        starts_proxy = bool({"proxy", "routed_proxy"} & set(getattr(item, "fixturenames", ()))) or (
+            module is not None and hasattr(module, "ProxyThread")
+        )
+        (keep if starts_proxy else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")
