@@ -18,6 +18,7 @@ from proxy.config import Config
 from proxy.control.plane import ControlPlane
 from proxy.errors import ConfigError, PgShiftError
 from proxy.server import Server
+from proxy.verify.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class Running:
     server: Server
     plane: ControlPlane
     admin: AdminApi | None
+    sampler: Sampler | None = None  # continuous sampling ([verify] interval > 0)
 
 
 async def serve(
@@ -56,6 +58,7 @@ async def serve(
     # start on a primary that a persisted flip has already replaced.
     await plane.start()
     admin: AdminApi | None = None
+    sampler: Sampler | None = None
     background: asyncio.Task[None] | None = None
     signals: list[signal.Signals] = []
     reloads: set[asyncio.Task[None]] = set()
@@ -72,14 +75,23 @@ async def serve(
             raise _cannot_listen("listen", config.listen.host, listen_port, exc) from None
         if not listen_port and not config.control.instance:
             plane.instance = f"{socket.gethostname()}:{server.port}"
+        if config.verify.enabled:
+            # Backends from the running config (a reload may change them), the pair from the live
+            # routing at each round; [verify] itself is read at startup.
+            sampler = Sampler(config.verify, lambda: plane.config, lambda: plane.live.routing)
         if config.admin.enabled:
-            admin = AdminApi(server, plane, build_registry(server, plane))
+            registry = build_registry(server, plane)
+            if sampler is not None:
+                registry.register(sampler.collector())
+            admin = AdminApi(server, plane, registry, verify=sampler)
             try:
                 await admin.start()
             except OSError as exc:
                 raise _cannot_listen("admin", config.admin.host, config.admin.port, exc) from None
             plane.admin_address = f"{config.admin.host}:{admin.port}"
         background = loop.create_task(plane.run(stop), name="control-plane")
+        if sampler is not None:
+            sampler.start()
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
@@ -91,7 +103,7 @@ async def serve(
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
         if on_ready is not None:
-            result = on_ready(Running(server, plane, admin))
+            result = on_ready(Running(server, plane, admin, sampler))
             if result is not None:
                 await result
         await stop.wait()
@@ -99,6 +111,8 @@ async def serve(
         for sig in signals:
             loop.remove_signal_handler(sig)
         stop.set()
+        if sampler is not None:
+            await sampler.stop()  # (a round in progress is cancelled: nothing to finish)
         await server.stop(config.proxy.shutdown_grace)
         if admin is not None:
             await admin.stop()

@@ -46,6 +46,9 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if level != "debug":  # httpx logs every request at INFO (the admin API, the D1 API)
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -90,9 +93,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _admin(args: argparse.Namespace) -> AdminClient:
     from proxy.admin.client import AdminClient, find_target
 
-    if args.log_level != "debug":  # httpx logs every request at INFO
-        for name in ("httpx", "httpcore"):
-            logging.getLogger(name).setLevel(logging.WARNING)
     explicit = args.config is not None
     target, warning = find_target(args.config if explicit else Path("config.toml"), url=args.admin, required=explicit)
     if warning:
@@ -622,14 +622,19 @@ exit codes (verify, repair):
 
 --from and --to name backends of --config ([backends.NAME]), as for sync. A difference is reported
 only if it is still there after the lag window (--recheck-after) while the source row did not change:
-writes in flight through the proxy or the CDC stream never count."""
+writes in flight through the proxy or the CDC stream never count.
+
+--store NAME (instead of --from/--to) compares the tables of the D1 store [stores.NAME] with its
+source backend (the store's `source`, else routing.primary), in D1's canonical form (mode full, or
+sample); repair --store rewrites the differing rows in D1. D1 unreachable or refusing the token: 3."""
 
 
 def _verify_options(args: argparse.Namespace, **overrides: Any) -> Any:
     from proxy.verify.verify import VerifyOptions
 
     values = {
-        "mode": args.mode, "tables": _sync_tables(args) if getattr(args, "tables", None) is not None else None,
+        "mode": args.mode or ("full" if args.store is not None else "checksum"),
+        "tables": _sync_tables(args) if getattr(args, "tables", None) is not None else None,
         "sample": getattr(args, "sample", 1000), "chunk_rows": args.chunk_rows,
         "workers": getattr(args, "workers", 2), "rate_limit": getattr(args, "rate_limit", None),
         "statement_timeout": args.statement_timeout or None, "max_duration": getattr(args, "max_duration", None),
@@ -640,12 +645,73 @@ def _verify_options(args: argparse.Namespace, **overrides: Any) -> Any:
     return VerifyOptions(**values)
 
 
+def _verify_sides(args: argparse.Namespace) -> None:
+    """--store NAME, or --from OLD and --to NEW (and what --store does not support)."""
+    if args.store is not None:
+        flags = {
+            "--from": args.source, "--to": args.target, "--state": getattr(args, "state", None),
+            "--source-replica": getattr(args, "source_replica", None),
+        }  # fmt: skip
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ConfigError(f"--store cannot be combined with {' and '.join(given)}")
+    elif args.source is None or args.target is None:
+        raise ConfigError("name the two sides: --from OLD --to NEW (backends), or --store NAME (a D1 store)")
+
+
+def _d1_verify_run(args: argparse.Namespace, work: Callable[..., Coroutine[Any, Any, int]]) -> int:
+    """--store: run ``work(source endpoint, place, tables, client)``; D1 unreachable or refusing: exit 3."""
+    from proxy.d1.client import D1Client, D1Error
+    from proxy.verify.d1side import D1Place, store_table
+
+    name, store, endpoint = _d1_feed_setup(args)
+    tables = store.tables
+    if getattr(args, "tables", None) is not None:
+        tables = [store_table(store.tables, t) for t in _sync_tables(args) or []]
+    client = D1Client.from_store(name, store)
+
+    async def run() -> int:
+        async with client:
+            try:
+                return await work(endpoint, D1Place.from_store(name, store), tables, client)
+            except D1Error as exc:
+                _print_failure(exc)
+                return 3
+
+    return _sync_run(run)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from proxy.cdc.sqlconn import resolve_endpoint
     from proxy.config import load_config
+    from proxy.verify.d1side import verify_d1
     from proxy.verify.verify import verify
 
+    _verify_sides(args)
     options = _verify_options(args)
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(clean(line), file=sys.stderr, flush=True)
+
+    def output(report: Any) -> int:
+        data = report.as_dict()
+        if args.report is not None:
+            args.report.write_text(json.dumps(data, indent=2) + "\n")
+        if args.json:
+            _print_json(data)
+        else:
+            for line in report.lines():
+                print(clean(line))
+        code: int = report.exit_code
+        return code
+
+    if args.store is not None:
+
+        async def work_d1(source: Endpoint, place: Any, tables: list[str], client: Any) -> int:
+            return output(await verify_d1(source, place, tables, client, options, say=say))
+
+        return _d1_verify_run(args, work_d1)
     source, target = _sync_endpoints(args)
     replica = None
     if args.source_replica:
@@ -655,41 +721,42 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             load_config(args.config), args.source_replica, user=args.user, database=args.database
         )
 
-    def say(line: str) -> None:
-        if not args.quiet:
-            print(clean(line), file=sys.stderr, flush=True)
-
     async def work() -> int:
-        report = await verify(source, target, options, source_read=replica, say=say)
-        data = report.as_dict()
-        if args.report is not None:
-            args.report.write_text(json.dumps(data, indent=2) + "\n")
-        if args.json:
-            _print_json(data)
-        else:
-            for line in report.lines():
-                print(clean(line))
-        return report.exit_code
+        return output(await verify(source, target, options, source_read=replica, say=say))
 
     return _sync_run(work)
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
+    from proxy.verify.d1side import repair_d1
     from proxy.verify.repair import repair
 
+    _verify_sides(args)
     options = _verify_options(args, tables=None)
-    source, target = _sync_endpoints(args)
 
-    async def work() -> int:
-        result = await repair(
-            source, target, args.table, report=args.from_report, dry_run=args.dry_run, options=options
-        )
+    def output(result: Any) -> int:
         if args.json:
             _print_json(result.as_dict())
         else:
             for line in result.lines():
                 print(clean(line))
         return 0 if result.ok else 1
+
+    if args.store is not None:
+
+        async def work_d1(source: Endpoint, place: Any, tables: list[str], client: Any) -> int:
+            return output(await repair_d1(
+                source, place, tables, client, args.table, report=args.from_report, dry_run=args.dry_run,
+                options=options,
+            ))  # fmt: skip
+
+        return _d1_verify_run(args, work_d1)
+    source, target = _sync_endpoints(args)
+
+    async def work() -> int:
+        return output(
+            await repair(source, target, args.table, report=args.from_report, dry_run=args.dry_run, options=options)
+        )
 
     return _sync_run(work)
 
@@ -711,16 +778,20 @@ def _add_verify_parsers(sub: Any) -> None:
     common.add_argument(
         "--config", type=Path, default=Path("config.toml"), metavar="PATH", help="default: ./config.toml"
     )
-    common.add_argument("--from", dest="source", required=True, metavar="OLD", help="the source of truth backend")
-    common.add_argument("--to", dest="target", required=True, metavar="NEW", help="the backend compared with it")
+    common.add_argument("--from", dest="source", metavar="OLD", help="the source of truth backend")
+    common.add_argument("--to", dest="target", metavar="NEW", help="the backend compared with it")
+    common.add_argument(
+        "--store", metavar="NAME",
+        help="instead of --from/--to: the D1 store [stores.NAME], compared with its source backend",
+    )  # fmt: skip
     common.add_argument("--user", help="connect as this user on both (default: mirror_user, else the dsn's)")
     common.add_argument("--database", help="database on both (default: the dsn's, else the user's name)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument(
-        "--mode", choices=["checksum", "sample", "full"], default="checksum",
+        "--mode", choices=["checksum", "sample", "full"],
         help="checksum: every row through checksums of key ranges computed in the databases, drilling down into "
         "ranges that differ (default); sample: --sample random rows per side and table; full: every row fetched "
-        "and compared here",
+        "and compared here (the default, and what checksum does, with --store)",
     )  # fmt: skip
     common.add_argument(
         "--chunk-rows", type=_count(1), default=10_000, metavar="N", help="rows per checksum chunk (default 10000)"

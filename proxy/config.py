@@ -377,6 +377,44 @@ class MirrorConfig(BaseModel):
     rules: list[MirrorRule] = []
 
 
+class VerifyConfig(BaseModel):
+    """Continuous sampling inside the proxy ([verify]): every ``interval`` seconds ``sample`` random
+    rows per table and side are compared (README "Continuous sampling")."""
+
+    model_config = _FROZEN
+    interval: Annotated[float, Field(ge=0, le=86400)] = 0.0  # seconds between rounds; 0: off
+    sample: Annotated[int, Field(ge=1, le=1_000_000)] = 100  # rows per table and side per round
+    tables: list[str] = []  # empty: every table with a primary key that is not pgshift's own
+    source: str | None = None  # default: the live routing's primary
+    target: str | None = None  # default: the live routing's first mirror (at startup: routing.mirrors[0])
+    # Seconds before a candidate difference is looked at again; None: 2, widened to twice a
+    # running sync's lag (as `pgshift verify` without --recheck-after).
+    recheck_after: Annotated[float, Field(ge=0, le=3600)] | None = None
+    rechecks: Annotated[int, Field(ge=0, le=100)] = 3
+
+    @model_validator(mode="after")
+    def _check(self) -> VerifyConfig:
+        if any(not t.strip() for t in self.tables):
+            raise ValueError("tables has an empty name")
+        duplicates = sorted({t for t in self.tables if self.tables.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"tables lists {', '.join(duplicates)} twice")
+        if self.source is not None and self.source == self.target:
+            raise ValueError(f"source and target are both {self.source!r}: name two different backends")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
+
+    def pair(self, routing: RoutingConfig) -> tuple[str, str | None]:
+        """(source, target) for a routing: the named backends, else its primary and its first mirror
+        that is not the source (None: no target can be chosen)."""
+        source = self.source or routing.primary
+        target = self.target or next((m for m in routing.mirrors if m != source), None)
+        return source, target
+
+
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
 
@@ -441,6 +479,7 @@ class Config(BaseModel):
     admin: AdminConfig = AdminConfig()
     control: ControlConfig = ControlConfig()
     mirror: MirrorConfig = MirrorConfig()
+    verify: VerifyConfig = VerifyConfig()
     backends: Annotated[dict[str, BackendConfig], Field(min_length=1)]
     routing: RoutingConfig
     stores: dict[str, StoreConfig] = {}  # write targets other than Postgres: D1 (issue 8)
@@ -478,9 +517,37 @@ class Config(BaseModel):
                     f"backends.{name} is a mirror but has no account to apply writes with: set "
                     f"backends.{name}.mirror_user (and mirror_password), or a user in its dsn"
                 )
+        problems += self._verify_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _verify_problems(self) -> list[str]:
+        verify = self.verify
+        declared = ", ".join(sorted(self.backends))
+        found = [
+            f"verify.{key} = {name!r} is not a backend; declared backends: {declared}"
+            for key, name in (("source", verify.source), ("target", verify.target))
+            if name is not None and name not in self.backends
+        ]
+        if found or not verify.enabled:
+            return found
+        source, target = verify.pair(self.routing)
+        if target is None:
+            return [
+                f"verify.interval = {verify.interval:g} needs a backend to compare {source!r} with: set "
+                'verify.target (e.g. target = "new"), or list it in routing.mirrors'
+            ]
+        if source == target:
+            return [f"verify compares {source!r} with itself: set verify.source and verify.target to two backends"]
+        for name in (source, target):
+            backend = self.backends.get(name)
+            if backend is not None and backend.apply_account is None:
+                found.append(
+                    f"backends.{name} has no account for [verify] to read with: set backends.{name}.mirror_user "
+                    "(and mirror_password), or a user in its dsn"
+                )
+        return found
 
 
 def format_errors(exc: ValidationError, prefix: str = "") -> str:

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -29,15 +29,30 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN = frozenset({"/healthz", "/readyz"})
 
 
+class StatusSource(Protocol):
+    """Background work that reports in GET /api/state (the verify layer's sampler: the admin layer
+    does not import it, app.py hands it over)."""
+
+    def summary(self) -> dict[str, Any]: ...
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"status": status, "message": message}}, status=status)
 
 
 class AdminApi:
-    def __init__(self, server: Server, plane: ControlPlane, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        server: Server,
+        plane: ControlPlane,
+        registry: CollectorRegistry,
+        *,
+        verify: StatusSource | None = None,
+    ) -> None:
         self.server = server
         self.plane = plane
         self.registry = registry
+        self.verify = verify  # continuous sampling ([verify] interval > 0)
         admin = plane.config.admin
         self.token = admin.resolved_token
         self.everything_guarded = not is_loopback(admin.host)
@@ -237,6 +252,7 @@ class AdminApi:
                 "on_previous_primary": sum(n for b, n in summary.by_primary.items() if b != live.routing.primary),
             },
             "mirror": self.server.mirror.summary(),
+            "verify": self.verify.summary() if self.verify is not None else {"enabled": False, "interval": 0},
         }
 
     async def history(self, request: web.Request) -> web.Response:

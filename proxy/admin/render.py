@@ -134,6 +134,8 @@ def status_lines(state: dict[str, Any]) -> list[str]:
         out += _table(headers, rows, right=frozenset(range(3, 9)))
         out += down
 
+    out += verify_lines(state.get("verify"))
+
     sessions = state.get("sessions") or {}
     pinned = sessions.get("pinned_by_cause") or {}
     causes = f" ({', '.join(f'{k} {v}' for k, v in sorted(pinned.items()))})" if pinned else ""
@@ -148,6 +150,54 @@ def status_lines(state: dict[str, Any]) -> list[str]:
         f"{previous} on a previous primary" + (f" ({where})" if where else ""),
     ]
     return [clean(line) for line in out]
+
+
+def verify_lines(verify: Any) -> list[str]:
+    """The continuous sampling block of the status screen (nothing from a proxy without it)."""
+    if not isinstance(verify, dict):
+        return []
+    if not verify.get("enabled"):
+        return ["", "verify  off (set [verify] interval to sample old and new continuously)"]
+    rounds = verify.get("rounds") or {}
+    counts = ", ".join(f"{n} {k}" for k, n in rounds.items() if n)
+    last = verify.get("last_round") or {}
+    head = (
+        f"verify  {clean(verify.get('source'))} -> {clean(verify.get('target'))}, {clean(verify.get('sample'))} rows "
+        f"per table every {clean(verify.get('interval'))} s: {sum(rounds.values())} round(s)"
+    ) + (f" ({counts})" if counts else "")
+    if last.get("at") is not None:
+        head += f"; last {_ago(last['at'])}: {clean(last.get('result'))}"
+    out = ["", head]
+    tables = verify.get("tables") or {}
+    rows, flagged = [], []
+    for name, t in tables.items():
+        note = ""
+        if t.get("differences"):
+            note = f"<-- {t['differences']} DIFFERENCE(S)"
+            flagged.append(name)
+        elif t.get("unsettled"):
+            note = f"{t['unsettled']} unsettled (kept changing)"
+        elif t.get("error"):
+            note = f"ERROR: {t['error']}"
+        clean_at = t.get("last_clean_at")
+        rows.append([
+            name, f"{t.get('rows_checked', 0):,}", t.get("differences", 0), t.get("differences_found_total", 0),
+            f"{_utc(clean_at)} ({_ago(clean_at)})" if clean_at else "never", note,
+        ])  # fmt: skip
+    if rows:
+        headers = ["TABLE", "ROWS CHECKED", "DIFFERENCES", "FOUND TOTAL", "LAST CLEAN", ""]
+        out += _table(headers, rows, right=frozenset({1, 2, 3}))
+    elif last.get("result") != "error":
+        out.append("  (no table compared yet)")
+    if flagged:
+        src, tgt = clean(verify.get("source")), clean(verify.get("target"))
+        out.append(f"  {len(flagged)} table(s) NEED REPAIR (rows differ on {tgt}):")
+        out += [f"    pgshift repair --from {src} --to {tgt} --table {clean(name)}" for name in flagged]
+    if last.get("error"):
+        out.append(f"  LAST ROUND FAILED: {clean(last['error'])}")
+    elif verify.get("last_error"):
+        out.append(f"  last error {_ago(verify.get('last_error_at'))}: {clean(verify['last_error'])}")
+    return out
 
 
 def history_lines(history: dict[str, Any]) -> list[str]:

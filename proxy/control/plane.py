@@ -350,10 +350,12 @@ class ControlPlane:
         new = await asyncio.to_thread(load_config, self.config_path)
         warnings = []
         old = self.config
-        for section in ("listen", "admin", "control"):
+        for section in ("listen", "admin", "control", "verify"):
             if getattr(old, section) != getattr(new, section):
                 warnings.append(f"[{section}] changed: takes effect at restart")
-        new = new.model_copy(update={"listen": old.listen, "admin": old.admin, "control": old.control})
+        new = new.model_copy(
+            update={"listen": old.listen, "admin": old.admin, "control": old.control, "verify": old.verify}
+        )
         async with self._lock:
             last_file = self._last_from_file()
             file_routing = new.routing.named()

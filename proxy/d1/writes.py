@@ -284,7 +284,16 @@ async def read_rows(
 async def read_keys(client: D1Client, table: D1Table, keys: Sequence[Row]) -> dict[Canonical, Canonical]:
     """The D1 rows with these primary keys (Postgres text values), by canonical key; absent keys
     are missing from the answer. One request, one statement per 100 key values."""
-    encoded = [encode_key(table, key) for key in keys]
+    return await read_encoded_keys(client, table, [encode_key(table, key) for key in keys])
+
+
+async def read_encoded_keys(
+    client: D1Client, table: D1Table, encoded: Sequence[tuple[Param, ...]]
+) -> dict[Canonical, Canonical]:
+    """``read_keys`` for keys already in canonical form (as ``encode_key`` or ``read_all_keys``
+    give them; ``encode_key`` would not take a canonical bytea key back)."""
+    if not encoded:
+        return {}
     open_, condition, joiner = _key_match(table)
     close = ")" if open_ else ""
     head = f"SELECT {select_list(table)} FROM {quote_ident(table.name)} WHERE {open_}"

@@ -28,7 +28,7 @@ from proxy.verify.catalog import SERVER_INFO, Side, TablePlan, plan_tables
 from proxy.verify.checksum import rows_by_key_sql
 from proxy.verify.chunks import Key, key_texts, keys_where
 from proxy.verify.compare import Row, RowDifference, Verdict, diff_one, judge, split_rows
-from proxy.verify.report import difference_line
+from proxy.verify.report import Place, difference_line
 from proxy.verify.verify import KEY_BATCH, VerifyOptions, connect, timeout_sql, verify
 
 Action = Literal["upsert", "delete"]
@@ -38,7 +38,7 @@ ROWS_PER_STATEMENT = 200
 @dataclass
 class RepairReport:
     source: Endpoint
-    target: Endpoint
+    target: Place  # a backend, or a D1 store (d1side.repair_d1)
     table: str
     key: list[str]
     dry_run: bool
@@ -97,7 +97,7 @@ def _key(columns: Sequence[str], key: Key) -> str:
     return ", ".join(f"{c}={'NULL' if v is None else v}" for c, v in zip(columns, key, strict=True))
 
 
-def keys_from_report(path: Path, table: str, source: Endpoint, target: Endpoint) -> tuple[str, list[dict[str, Any]]]:
+def keys_from_report(path: Path, table: str, source: Endpoint, target: Place) -> tuple[str, list[dict[str, Any]]]:
     """The table's entry (its schema.name) and its differing keys (dicts) in a verify report file."""
     try:
         data = json.loads(path.read_text())

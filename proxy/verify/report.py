@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from proxy.cdc.sqlconn import Endpoint
 from proxy.verify.catalog import Note
@@ -20,6 +20,25 @@ EXIT_INCOMPLETE = 4  # nothing differs in what was covered, but not everything w
 
 SHOWN_PER_TABLE = 20  # text output; --json and --report list every difference kept
 VALUE_WIDTH = 60
+
+
+class Place(Protocol):
+    """What a side of a comparison is: a Postgres backend (``Endpoint``), or another store (a D1
+    database, ``proxy.verify.d1side.D1Place``)."""
+
+    @property
+    def backend(self) -> str: ...  # its name in the text output and in a report's JSON
+
+    def label(self) -> str: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def where(place: Place) -> str:
+    """Where a side's data lives, for the report's first line."""
+    if isinstance(place, Endpoint):
+        return f"{place.address.label()} database {place.database}"
+    return place.label()
 
 
 @dataclass
@@ -91,7 +110,7 @@ class TableResult:
 @dataclass
 class VerifyReport:
     source: Endpoint
-    target: Endpoint
+    target: Place
     mode: Mode
     tables: list[TableResult]
     started_at: float = field(default_factory=time.time)
@@ -181,10 +200,7 @@ def _n(count: int) -> str:
 def report_lines(report: VerifyReport) -> list[str]:
     src, tgt = report.source.backend, report.target.backend
     read = f" (read from {report.source_read.backend})" if report.source_read else ""
-    lines = [
-        f"verify {src}{read} -> {tgt}, mode {report.mode}: {report.source.address.label()} database "
-        f"{report.source.database} -> {report.target.address.label()} database {report.target.database}"
-    ]
+    lines = [f"verify {src}{read} -> {tgt}, mode {report.mode}: {where(report.source)} -> {where(report.target)}"]
     lines += [f"warning: {w}" for w in report.warnings]
     for t in report.tables:
         counts = f"{_n(t.rows_compared)} rows"

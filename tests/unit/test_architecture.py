@@ -32,10 +32,12 @@ ALLOWED: dict[str, set[str]] = {
     "server": {"errors", "config", "session", "routing", "sql", "observability", "mirror"},
     "control": {"errors", "config", "routing", "observability"},
     "admin": {"errors", "config", "server", "control", "observability"},
-    "app": {"errors", "config", "server", "routing", "observability", "control", "admin"},
+    # (the composition root starts the verify layer's continuous sampler; admin gets it as a Protocol)
+    "app": {"errors", "config", "server", "routing", "observability", "control", "admin", "verify"},
     "demo": {"errors", "config", "localpg", "app"},
-    # the validator: compares old and new through the cdc layer's SQL connections (issue 7)
-    "verify": {"errors", "config", "wire", "backends", "cdc"},
+    # the validator: compares old and new through the cdc layer's SQL connections (issue 7), and a
+    # D1 store with its Postgres source through the d1 layer's client (d1side.py)
+    "verify": {"errors", "config", "wire", "backends", "cdc", "d1"},
     "cli": {"errors", "config", "app", "demo", "wire", "localpg", "admin", "cdc", "d1", "verify"},
     "__main__": {"cli"},
     "__init__": set(),
