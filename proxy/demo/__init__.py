@@ -1,17 +1,28 @@
-"""`pgshift demo`: two throw-away clusters with a car-marketplace sample, and the proxy in front."""
+"""`pgshift demo`: two throw-away clusters with a car-marketplace sample, the proxy in front, and
+(when node and d1local's packages are there) a local Cloudflare D1 with the store "edge"."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import secrets
+import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from proxy.config import parse_config
-from proxy.errors import ClusterError
+import tomli_w
+
+from proxy.config import Config, parse_config
+from proxy.d1.local import LocalD1, missing_reason
+from proxy.errors import ClusterError, PgShiftError
 from proxy.localpg import LocalCluster, create_cluster
 
 log = logging.getLogger(__name__)
@@ -20,6 +31,10 @@ log = logging.getLogger(__name__)
 OLD_PORT = 54321
 NEW_PORT = 54322
 ADMIN_PORT = 9187
+DATABASE = "marketplace"
+# The demo's D1 store: the sample's reference tables, copied from "old" into the local D1.
+D1_STORE = "edge"
+D1_TABLES = ("cities", "categories")
 
 
 def demo_config(
@@ -29,13 +44,16 @@ def demo_config(
     *,
     admin_port: int = ADMIN_PORT,
     token: str | None = None,
+    d1: dict[str, object] | None = None,
 ) -> dict[str, Any]:
     """The configuration config.toml spells out: clients' users and databases pass through;
-    ``token``: the admin token (the demo makes one, so that routing can be changed live)."""
+    ``token``: the admin token (the demo makes one, so that routing can be changed live);
+    ``d1``: a local D1's ``LocalD1.store()``, declared as [stores.edge] for the sample's reference
+    tables, fed from "old"."""
     admin: dict[str, Any] = {"port": admin_port}
     if token is not None:
         admin["token"] = token
-    return {
+    config: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": proxy_port},
         "admin": admin,
         "backends": {
@@ -45,6 +63,14 @@ def demo_config(
         },
         "routing": {"primary": "old"},
     }
+    if d1 is not None:
+        config["stores"] = {D1_STORE: {**d1, "tables": list(D1_TABLES), "source": "old"}}
+    return config
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """``config`` as TOML text (tomli-w: the writing half of the standard library's tomllib)."""
+    return tomli_w.dumps(config)
 
 
 def start_clusters(old_port: int = OLD_PORT, new_port: int = NEW_PORT) -> tuple[LocalCluster, LocalCluster]:
@@ -85,6 +111,110 @@ def start_clusters(old_port: int = OLD_PORT, new_port: int = NEW_PORT) -> tuple[
         old.destroy()
         raise
     return old, new
+
+
+@dataclass
+class DemoD1:
+    """The demo's local D1, and the demo's config with [stores.edge] written to ``config_path``
+    (a temporary directory: ``close()`` stops the server and removes it)."""
+
+    server: LocalD1
+    config: Config
+    config_path: Path
+    store: dict[str, Any]  # the [stores.edge] table
+
+    def close(self) -> None:
+        try:
+            self.server.stop()
+        finally:
+            shutil.rmtree(self.config_path.parent, ignore_errors=True)
+
+
+def d1_left_out(reason: str) -> str:
+    """The one line the demo prints when it goes on without D1."""
+    enable = "" if "npm ci" in reason else "; to include it: `cd d1local && npm ci` (Node.js 20+)"
+    return f"D1 left out: {reason}{enable}"
+
+
+def start_d1(make_config: Callable[[dict[str, object]], dict[str, Any]]) -> tuple[DemoD1 | None, str | None]:
+    """Start the local D1, make the demo's config with store "edge" on it (``make_config(server.store())``:
+    demo_config with ``d1=``), create the store's tables on D1 (what `pgshift d1 schema --apply` does)
+    and write that config to a temporary file. (None, why) when the local D1 cannot run here or any
+    step fails: the demo goes on without it."""
+    reason = missing_reason()
+    if reason is not None:
+        return None, reason
+    server: LocalD1 | None = None
+    directory: Path | None = None
+    try:
+        server = LocalD1.start(timeout=30)
+        data = make_config(server.store())
+        config = parse_config(data, "demo config")
+        _apply_d1_schema(config)
+        directory = Path(tempfile.mkdtemp(prefix="pgshift-demo-"))
+        path = directory / "pgshift-demo.toml"
+        path.write_text(
+            "# pgshift demo's configuration (written by `pgshift demo`, removed when it stops).\n" + to_toml(data)
+        )
+        return DemoD1(server, config, path, data["stores"][D1_STORE]), None
+    except BaseException as exc:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+        if server is not None:
+            server.stop()
+        if not isinstance(exc, Exception):  # Ctrl-C: the demo's own cleanup follows
+            raise
+        if isinstance(exc, PgShiftError):
+            why = exc.message + (f" ({exc.detail.strip().splitlines()[-1]})" if exc.detail else "")
+        else:
+            why = f"{type(exc).__name__}: {exc}"
+        log.debug("local D1 left out", exc_info=True)
+        return None, why
+
+
+def _apply_d1_schema(config: Config) -> None:
+    """`pgshift d1 schema --apply --store edge --database marketplace`, in-process."""
+    from proxy.app import run
+    from proxy.cdc.sqlconn import SqlConnection, resolve_endpoint
+    from proxy.d1.client import D1Client
+    from proxy.d1.schema import apply_schema, read_pg_tables, to_d1
+
+    store = config.stores[D1_STORE]
+    endpoint = resolve_endpoint(config, store.source or config.routing.primary, database=DATABASE)
+
+    async def work() -> None:
+        async with await SqlConnection.connect(endpoint, application_name="pgshift-d1") as conn:
+            tables = to_d1(await read_pg_tables(conn, store.tables))
+        async with D1Client.from_store(D1_STORE, store) as client:
+            result = await apply_schema(client, tables)
+        if not result.ok:
+            raise PgShiftError(f"D1's tables differ from the sample's: {result.differences}")
+
+    run(work())
+
+
+def _d1_banner(d1: DemoD1, *, no_proxy: bool) -> str:
+    config = shlex.quote(str(d1.config_path))
+    base = f"--store {D1_STORE} --config {config} --database {DATABASE}"
+    server = d1.server
+    query = json.dumps({"sql": "select * from cities order by id limit 5"})
+    url = f"{server.api_base}/accounts/{server.account_id}/d1/database/{server.database_ids[0]}/query"
+    text = f"""
+D1: a local Cloudflare D1 ({server.api_base}) holds the tables of store "{D1_STORE}"
+({", ".join(D1_TABLES)}, from "old"), declared in the demo's config {d1.config_path}.
+Copy the rows and keep streaming changes (until Ctrl-C), compare D1 with "old", read D1:
+  pgshift d1 sync {base}
+  pgshift verify {base}
+  curl -s -H "Authorization: Bearer {server.token}" -d '{query}' \\
+      {url}
+"""
+    if no_proxy:
+        section = to_toml({"stores": {D1_STORE: d1.store}}).strip()
+        text += f"""
+To use config.toml instead, add (the token and port are this run's):
+{section}
+"""
+    return text
 
 
 def _control(admin_port: int, token: str) -> str:
@@ -129,11 +259,25 @@ def run_demo(
 
     print("starting two throw-away Postgres clusters (old, new) and loading the sample ...", flush=True)
     old, new = start_clusters(old_port, new_port)
+    d1: DemoD1 | None = None
     try:
         token = secrets.token_hex(12)
-        config = parse_config(demo_config(port, old_port, new_port, admin_port=admin_port, token=token), "demo config")
+
+        def make_config(store: dict[str, object] | None = None) -> dict[str, Any]:
+            return demo_config(port, old_port, new_port, admin_port=admin_port, token=token, d1=store)
+
+        why = missing_reason()
+        if why is None:
+            print("starting the local D1 (Cloudflare D1's API over workerd, from d1local/) ...", flush=True)
+            d1, why = start_d1(make_config)
+        if d1 is None:
+            print(d1_left_out(why or "unknown"), flush=True)
+            config = parse_config(make_config(), "demo config")
+        else:
+            config = d1.config
+        d1_text = "" if d1 is None else _d1_banner(d1, no_proxy=not proxy)
         if not proxy:
-            print(_banner(port, old, new).replace("pgshift demo is running.", "Clusters are up (no proxy)."))
+            print(_banner(port, old, new).replace("pgshift demo is running.", "Clusters are up (no proxy).") + d1_text)
             print("Run `pgshift serve --config config.toml` in another terminal; Ctrl-C here to stop.")
             # SIGTERM ends the wait like Ctrl-C, so the clusters are removed either way.
             signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -142,15 +286,33 @@ def run_demo(
             return 0
 
         def ready(_running: object) -> None:
-            print(_banner(port, old, new) + _control(admin_port, token), flush=True)
-            print("Ctrl-C stops the proxy and removes both clusters.", flush=True)
+            print(_banner(port, old, new) + _control(admin_port, token) + d1_text, flush=True)
+            also = ", removes both clusters and stops the local D1" if d1 is not None else " and removes both clusters"
+            print(f"Ctrl-C stops the proxy{also}.", flush=True)
 
         run(serve(config, on_ready=ready))
         return 0
     finally:
+        if d1 is not None:
+            print("stopping the local D1 ...", flush=True)
+            with contextlib.suppress(Exception):  # (the clusters go in any case)
+                d1.close()
         print("removing the demo clusters ...", flush=True)
         new.destroy()
         old.destroy()
 
 
-__all__ = ["ADMIN_PORT", "NEW_PORT", "OLD_PORT", "demo_config", "run_demo", "start_clusters"]
+__all__ = [
+    "ADMIN_PORT",
+    "D1_STORE",
+    "D1_TABLES",
+    "NEW_PORT",
+    "OLD_PORT",
+    "DemoD1",
+    "d1_left_out",
+    "demo_config",
+    "run_demo",
+    "start_clusters",
+    "start_d1",
+    "to_toml",
+]

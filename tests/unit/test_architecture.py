@@ -34,7 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "admin": {"errors", "config", "server", "control", "observability"},
     # (the composition root starts the verify layer's continuous sampler; admin gets it as a Protocol)
     "app": {"errors", "config", "server", "routing", "observability", "control", "admin", "verify"},
-    "demo": {"errors", "config", "localpg", "app"},
+    # the demo also starts the local D1 and applies its schema (read through the cdc layer's connection)
+    "demo": {"errors", "config", "localpg", "app", "d1", "cdc"},
     # the validator: compares old and new through the cdc layer's SQL connections (issue 7), and a
     # D1 store with its Postgres source through the d1 layer's client (d1side.py)
     "verify": {"errors", "config", "wire", "backends", "cdc", "d1"},
