@@ -7,6 +7,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -45,6 +46,13 @@ class SessionSummary:
     pinned_by_cause: Counter[str] = field(default_factory=Counter)
     by_primary: Counter[str] = field(default_factory=Counter)  # where each session's writes go
     connections: Counter[str] = field(default_factory=Counter)  # open backend connections
+
+
+@dataclass(frozen=True)
+class PauseResult:
+    drained: bool  # nothing runs on the primary: the pause holds (else it has ended again)
+    seconds: float  # the drain's wait
+    writing: int  # sessions still writing when the drain gave up
 
 
 class Server:
@@ -117,6 +125,32 @@ class Server:
             summary.by_primary[info.primary] += 1
             summary.connections.update(info.backends)
         return summary
+
+    @property
+    def can_pause(self) -> bool:
+        """Sessions know their requests (RoutedSession): a plain relay cannot hold one back."""
+        return self._session_class is RoutedSession
+
+    def writing(self) -> int:
+        """Sessions with work under way on their primary (an open transaction, or a request not
+        answered yet)."""
+        return sum(1 for session in self.registry if isinstance(session, RoutedSession) and session.writing())
+
+    async def pause_writes(self, reason: str, drain_timeout: float, max_seconds: float) -> PauseResult:
+        """Pause new work on the primary, then wait until nothing runs there any more (drained),
+        or give up after ``drain_timeout`` s: then the pause ends and everything goes on as before."""
+        pause = self.ctx.pause
+        pause.begin(reason, max_seconds)
+        started = time.monotonic()
+        while True:
+            busy = self.writing()
+            waited = time.monotonic() - started
+            if not busy:
+                return PauseResult(True, waited, 0)
+            if waited >= drain_timeout or not pause.active:  # (or the pause expired meanwhile)
+                pause.end()
+                return PauseResult(False, waited, busy)
+            await asyncio.sleep(0.002)
 
     def _spawn(self, client: ClientConnection) -> None:
         # Called from connection_made: each client gets a named task the server tracks, so

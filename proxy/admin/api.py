@@ -36,6 +36,13 @@ class StatusSource(Protocol):
     def summary(self) -> dict[str, Any]: ...
 
 
+def _seconds(body: dict[str, Any], key: str, default: float, least: float, most: float) -> float:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not least <= value <= most:
+        raise ControlError(f"{key} must be a number of seconds from {least:g} to {most:g}, not {value!r}")
+    return float(value)
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"status": status, "message": message}}, status=status)
 
@@ -59,6 +66,8 @@ class AdminApi:
         self.app = web.Application(client_max_size=admin.max_body, middlewares=[self._errors, self._auth])
         r = self.app.router
         r.add_get("/api/state", self.state)
+        r.add_post("/api/pause", self.pause)
+        r.add_post("/api/resume", self.resume)
         r.add_get("/api/history", self.history)
         r.add_put("/api/routing", self.put_routing)
         r.add_patch("/api/routing", self.patch_routing)
@@ -252,6 +261,7 @@ class AdminApi:
                 "on_previous_primary": sum(n for b, n in summary.by_primary.items() if b != live.routing.primary),
             },
             "mirror": self.server.mirror.summary(),
+            "pause": self.server.ctx.pause.summary(),
             "verify": self.verify.summary() if self.verify is not None else {"enabled": False, "interval": 0},
         }
 
@@ -323,6 +333,42 @@ class AdminApi:
                 "instance": self.plane.instance,
             }
         )
+
+    async def pause(self, request: web.Request) -> web.Response:
+        """Pause new work on the primary and drain what runs there (a cut-over's first steps).
+        Body (all optional): {"reason": "...", "drain_timeout": 5, "max_seconds": 30}."""
+        body = await self._body(request, optional=True)
+        if not isinstance(body, dict):
+            raise ControlError('body must be a JSON object, e.g. {"drain_timeout": 5}')
+        unknown = sorted(set(body) - {"reason", "drain_timeout", "max_seconds"})
+        if unknown:
+            raise ControlError(f"unknown key(s) {', '.join(unknown)}: use reason, drain_timeout, max_seconds")
+        drain = _seconds(body, "drain_timeout", 5.0, 0.0, 300.0)
+        longest = _seconds(body, "max_seconds", 30.0, 0.1, 3600.0)
+        reason = str(body.get("reason") or f"paused by {self._caller(request)}")[:300]
+        if not self.server.can_pause:
+            raise ControlError(
+                "this proxy relays sessions without looking at their requests, so it cannot hold them: "
+                "set [control] live = true (or route reads, or mirror) and restart"
+            )
+        result = await self.server.pause_writes(reason, drain, longest)
+        log.warning(
+            "pause requested by %s: %s", self._caller(request), "drained" if result.drained else "drain timed out"
+        )
+        summary = {"drained": result.drained, "drain_ms": round(result.seconds * 1000, 3), "writing": result.writing,
+                   **self.server.ctx.pause.summary()}  # fmt: skip
+        if not result.drained:
+            message = (f"the drain timed out after {drain:g} s: {result.writing} session(s) still had a transaction "
+                       "or a request on the primary; the pause has ended and everything goes on as before")  # fmt: skip
+            return web.json_response({"error": {"status": 409, "message": message}, **summary}, status=409)
+        return web.json_response(summary)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        pause = self.server.ctx.pause
+        was = pause.active
+        seconds = pause.end()
+        log.warning("resume requested by %s (%s)", self._caller(request), "was paused" if was else "was not paused")
+        return web.json_response({"was_paused": was, "paused_ms": round(seconds * 1000, 3), **pause.summary()})
 
     async def mirror_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.server.mirror.status())

@@ -62,6 +62,12 @@ def status_lines(state: dict[str, Any]) -> list[str]:
     out = [f"instance {clean(state.get('instance'))}: routing version {version}{fixed}"]
     if state.get("problem"):
         out.append(f"  PROBLEM: {clean(state['problem'])}")
+    pause = state.get("pause") or {}
+    if pause.get("paused"):
+        out.append(
+            f"  WRITES PAUSED for {_number(pause.get('paused_for_s'), 1)} s ({clean(pause.get('reason'))}): "
+            f"{clean(pause.get('holding'))} session(s) waiting; POST /api/resume ends it"
+        )
     note = f' — "{clean(changed["note"])}"' if changed.get("note") else ""
     out.append(
         f"  last change {_utc(changed.get('at'))} ({_ago(changed.get('at'))}) by {clean(changed.get('caller'))}"

@@ -230,6 +230,14 @@ class RoutedSession(Session):
         self.primary = primary
         self.ctx.stats.moves[primary] += 1
 
+    def writing(self) -> bool:
+        """Work under way on the primary that a cut-over's drain must wait for: an open
+        transaction there, or a request it has not answered yet."""
+        if self._tx_on is not None:
+            return self._tx_on.name == self.primary
+        conn = self.backends.get(self.primary)
+        return conn is not None and not conn.scanner.idle
+
     def describe(self) -> SessionInfo:
         return SessionInfo(
             self.primary,
@@ -278,6 +286,14 @@ class RoutedSession(Session):
             # Decided once: not drawn again (nor counted again) once its backend is open.
             name = self._decided or self._choose(info, open_ended=open_ended)
             self._decided = None
+            pause = self.ctx.pause
+            if pause.since is not None and name == self.primary:
+                # A cut-over has paused new work on the primary (session/pause.py): the request
+                # waits in line, and is routed afresh on resume (to the new primary after a swap).
+                if whole is not None:
+                    self._requests.append(request)
+                pause.hold(self, self._pump)
+                return False
             conn = self.backends.get(name)
             if conn is None:
                 self._decided = name

@@ -9,7 +9,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.backends.connection import BackendConnection, BackendSink
 from proxy.errors import (
@@ -27,6 +27,7 @@ from proxy.routing import Live, RoutingStats
 from proxy.session.catalog import FunctionCatalog
 from proxy.session.client import ClientConnection, ClientGone
 from proxy.session.handshake import ScramKeys, authenticate, read_startup
+from proxy.session.pause import WritePause
 from proxy.session.registry import SessionRegistry
 from proxy.sql import AnalysisCache
 from proxy.wire.codes import TxStatus
@@ -70,6 +71,7 @@ class SessionContext:
     rng: random.Random
     catalog: FunctionCatalog
     mirror: MirrorManager
+    pause: WritePause = field(default_factory=WritePause)  # a cut-over's write pause (session/pause.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ class Session(BackendSink):
         finally:
             self._close()
             registry.remove(self)
+            self.ctx.pause.forget(self)
             # The task ends when the backend sockets have closed (a TLS close takes a round
             # trip), so a shutdown that waits for session tasks leaves no socket behind.
             for backend in self._all_backends():
