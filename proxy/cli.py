@@ -392,6 +392,16 @@ def _cmd_sync_status(args: argparse.Namespace) -> int:
     return _sync_report(args, lambda source, target: sync_status(source, target, args.slot))
 
 
+def _stop_report(args: argparse.Namespace, ok: bool, lines: list[str], as_dict: Callable[[], Any]) -> int:
+    """What a stop command (sync stop, d1 stop) did: JSON, or its lines (on stderr when not ok)."""
+    if args.json:
+        _print_json(as_dict())
+    else:
+        for line in lines:
+            print(clean(line), file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
 def _cmd_sync_stop(args: argparse.Namespace) -> int:
     from proxy.cdc.sync import sync_stop
 
@@ -399,12 +409,7 @@ def _cmd_sync_stop(args: argparse.Namespace) -> int:
 
     async def work() -> int:
         result = await sync_stop(source, target, args.slot, args.publication, force=args.force)
-        if args.json:
-            _print_json(result.as_dict())
-        else:
-            for line in result.lines:
-                print(clean(line), file=sys.stdout if result.ok else sys.stderr)
-        return 0 if result.ok else 1
+        return _stop_report(args, result.ok, result.lines, result.as_dict)
 
     return _sync_run(work)
 
@@ -598,12 +603,7 @@ def _cmd_d1_stop(args: argparse.Namespace) -> int:
     async def work() -> int:
         async with client:
             result = await feed_stop(name, endpoint, client, force=args.force)
-        if args.json:
-            _print_json(result.as_dict())
-        else:
-            for line in result.lines:
-                print(clean(line), file=sys.stdout if result.ok else sys.stderr)
-        return 0 if result.ok else 1
+        return _stop_report(args, result.ok, result.lines, result.as_dict)
 
     return _sync_run(work)
 

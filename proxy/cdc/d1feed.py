@@ -83,6 +83,7 @@ from proxy.cdc.pgoutput import (
 )
 from proxy.cdc.replication import ReplicationConnection
 from proxy.cdc.sqlconn import DatabaseUnreachable, Endpoint, SqlConnection, qualified, quote_ident, quote_literal
+from proxy.cdc.sync import StopResult
 from proxy.d1.client import D1Client, D1Error, D1SqlError, D1Unavailable, Param, Statement
 from proxy.d1.schema import D1Table, differences, read_pg_tables, split_name, to_d1
 from proxy.d1.types import D1TypeError
@@ -1046,15 +1047,6 @@ async def feed_status(store: str, source: Endpoint, client: D1Client | None) -> 
             "drop it with `pgshift d1 stop`"
         )
     return report
-
-
-@dataclass
-class StopResult:
-    ok: bool
-    lines: list[str]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "messages": self.lines}
 
 
 async def feed_stop(store: str, source: Endpoint, client: D1Client | None, *, force: bool = False) -> StopResult:
