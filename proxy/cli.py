@@ -141,8 +141,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _watch_status(args: argparse.Namespace) -> int:
     """Redraw the status screen every ``--watch`` seconds until Ctrl-C (for a read switch: watch
     latency and errors move while weights change). An unreachable API is shown, and retried."""
+    import signal
+
     from proxy.admin.client import AdminUnreachable
 
+    # Ctrl-C (SIGINT) ends it, even when started where SIGINT is ignored (a background job of a
+    # script inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with _admin(args) as api:
         try:
             while True:
