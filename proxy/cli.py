@@ -206,6 +206,34 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pause(args: argparse.Namespace) -> int:
+    with _admin(args) as api:
+        result = api.pause(drain_timeout=args.drain_timeout, max_seconds=args.max, reason=args.reason)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(
+        f"writes paused: nothing runs on the primary (drained in {result.get('drain_ms', 0):g} ms); new work there "
+        f"waits until `pgshift resume`, or {args.max:g} s at most. Reads routed elsewhere go on."
+    )
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    with _admin(args) as api:
+        result = api.resume()
+    if args.json:
+        _print_json(result)
+    elif result.get("was_paused"):
+        print(
+            f"writes resumed after {result.get('paused_ms', 0):g} ms: {result.get('last_held', 0)} session(s) had "
+            f"waited, the longest {1000 * (result.get('last_max_wait_s') or 0):.1f} ms"
+        )
+    else:
+        print("writes were not paused")
+    return 0
+
+
 def _cmd_history(args: argparse.Namespace) -> int:
     with _admin(args) as api:
         history = api.history(args.limit)
@@ -989,6 +1017,22 @@ def build_parser() -> argparse.ArgumentParser:
     history = operator("history", "list routing versions, newest first", [api])
     history.add_argument("--limit", type=_count(0), default=20, metavar="N", help="how many (default 20; 0: all)")
     history.set_defaults(func=_cmd_history)
+
+    pause = operator(
+        "pause", "hold new work on the primary (reads elsewhere go on) once open transactions have ended", [api]
+    )
+    pause.add_argument(
+        "--drain-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+        help="how long open transactions on the primary may take to end (default 5); then the pause is given up "
+        "(exit 4) and everything goes on as before",
+    )  # fmt: skip
+    pause.add_argument(
+        "--max", type=_seconds, default=30.0, metavar="SECONDS", help="the pause ends by itself after this (default 30)"
+    )
+    pause.add_argument("--reason", metavar="TEXT", help="shown in status and the proxy's log")
+    pause.set_defaults(func=_cmd_pause)
+    resume = operator("resume", "end a pause: held work goes on (to the primary of now)", [api])
+    resume.set_defaults(func=_cmd_resume)
 
     reload = operator("reload", "make the proxy re-read its config file (like SIGHUP)", [api])
     reload.set_defaults(func=_cmd_reload)

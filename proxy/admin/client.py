@@ -215,6 +215,16 @@ class AdminClient:
     def reload(self) -> dict[str, Any]:
         return self._call("POST", "api/reload", body={})
 
+    def pause(self, *, drain_timeout: float, max_seconds: float, reason: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"drain_timeout": drain_timeout, "max_seconds": max_seconds}
+        if reason:
+            body["reason"] = reason
+        # (the answer comes once the drain is over: wait for it longer than for other calls)
+        return self._call("POST", "api/pause", body=body, timeout=self.timeout + drain_timeout)
+
+    def resume(self) -> dict[str, Any]:
+        return self._call("POST", "api/resume", body={})
+
     def mirror(self) -> dict[str, Any]:
         return self._call("GET", "api/mirror")
 
@@ -224,7 +234,13 @@ class AdminClient:
     # --- transport ----------------------------------------------------------------------------
 
     def _call(
-        self, method: str, path: str, *, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         url = self.target.url
         mutating = method != "GET"
@@ -234,7 +250,9 @@ class AdminClient:
             else ""
         )
         try:
-            response = self._http.request(method, path, json=body, params=params)
+            response = self._http.request(
+                method, path, json=body, params=params, timeout=timeout if timeout is not None else self.timeout
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise AdminUnreachable(
                 f"cannot reach the admin API at {url}: {_describe(exc)}",
@@ -242,7 +260,7 @@ class AdminClient:
             ) from None
         except httpx.TimeoutException:
             raise AdminUnreachable(
-                f"no answer from the admin API at {url} within {self.timeout:g}s.{maybe_done}"
+                f"no answer from the admin API at {url} within {timeout or self.timeout:g}s.{maybe_done}"
             ) from None
         except httpx.HTTPError as exc:  # the connection broke, or the answer was not HTTP
             raise AdminUnreachable(f"admin API at {url}: {_describe(exc)}.{maybe_done}") from None

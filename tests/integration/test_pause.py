@@ -4,9 +4,12 @@ transactions, gives up after its timeout and resumes; a pause never outlives its
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +23,7 @@ from tests.support.proxy import ProxyThread
 pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "pause-test-token"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Admin:
@@ -170,3 +174,28 @@ def test_bad_requests_and_a_plain_relay(admin: Callable[..., Admin]) -> None:
     plain = admin(control={"live": False})
     answer = plain.post("/api/pause")
     assert answer.status_code == 400 and "cannot hold them" in answer.json()["error"]["message"]
+
+
+def test_cli_pause_and_resume(admin: Callable[..., Admin], monkeypatch: pytest.MonkeyPatch) -> None:
+    api = admin(reads={"old": 50, "new": 50})
+    monkeypatch.setenv("PGSHIFT_ADMIN_TOKEN", TOKEN)
+
+    def pgshift(*argv: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "proxy", *argv, "--admin", api.url]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+
+    paused = pgshift("pause", "--drain-timeout", "2", "--reason", "cli test")
+    assert paused.returncode == 0 and "writes paused" in paused.stdout, paused.stdout + paused.stderr
+    write = Background(api.proxy.dsn(), "update items set name = name where id = 7 returning id")
+    time.sleep(0.3)
+    assert not write.done.is_set()
+    resumed = pgshift("resume")
+    assert resumed.returncode == 0 and "writes resumed after" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert "1 session(s) had waited" in resumed.stdout
+    assert write.wait() == (7,)
+    assert pgshift("resume").stdout.strip() == "writes were not paused"
+
+    with psycopg.connect(api.proxy.dsn()) as open_tx:
+        open_tx.execute("update items set name = name where id = 8")
+        refused = pgshift("pause", "--drain-timeout", "0.3")
+        assert refused.returncode == 4 and "the drain timed out" in refused.stderr, refused.stderr
