@@ -560,12 +560,15 @@ The feed's slot and publication on the source are both named pgshift_d1_<store>;
 finished is recorded in D1, in the table _pgshift_feed."""
 
 
-def _d1_feed_setup(args: argparse.Namespace) -> tuple[str, Any, Endpoint]:
+def _d1_feed_setup(args: argparse.Namespace) -> tuple[str, Any, Endpoint, Any]:
+    """The store's name and config, its source endpoint, and a D1Client for it (not yet opened)."""
     from proxy.cdc.sqlconn import resolve_endpoint
+    from proxy.d1.client import D1Client
 
     config, name, store = _d1_store(args)
     source = store.source or config.routing.primary
-    return name, store, resolve_endpoint(config, source, user=args.user, database=args.database)
+    endpoint = resolve_endpoint(config, source, user=args.user, database=args.database)
+    return name, store, endpoint, D1Client.from_store(name, store)
 
 
 def _cmd_d1_sync(args: argparse.Namespace) -> int:
@@ -573,10 +576,8 @@ def _cmd_d1_sync(args: argparse.Namespace) -> int:
     import signal
 
     from proxy.cdc.d1feed import D1Feed, FeedOptions
-    from proxy.d1.client import D1Client
 
-    name, store, endpoint = _d1_feed_setup(args)
-    client = D1Client.from_store(name, store)
+    name, store, endpoint, client = _d1_feed_setup(args)
     options = FeedOptions(batch_rows=args.batch_rows, status_interval=args.status_interval)
 
     def say(line: str) -> None:
@@ -608,10 +609,8 @@ def _cmd_d1_sync(args: argparse.Namespace) -> int:
 
 def _cmd_d1_status(args: argparse.Namespace) -> int:
     from proxy.cdc.d1feed import feed_status
-    from proxy.d1.client import D1Client
 
-    name, store, endpoint = _d1_feed_setup(args)
-    client = D1Client.from_store(name, store)
+    name, _, endpoint, client = _d1_feed_setup(args)
 
     async def work() -> int:
         async with client:
@@ -628,10 +627,8 @@ def _cmd_d1_status(args: argparse.Namespace) -> int:
 
 def _cmd_d1_stop(args: argparse.Namespace) -> int:
     from proxy.cdc.d1feed import feed_stop
-    from proxy.d1.client import D1Client
 
-    name, store, endpoint = _d1_feed_setup(args)
-    client = D1Client.from_store(name, store)
+    name, _, endpoint, client = _d1_feed_setup(args)
 
     async def work() -> int:
         async with client:
@@ -694,14 +691,13 @@ def _verify_sides(args: argparse.Namespace) -> None:
 
 def _d1_verify_run(args: argparse.Namespace, work: Callable[..., Coroutine[Any, Any, int]]) -> int:
     """--store: run ``work(source endpoint, place, tables, client)``; D1 unreachable or refusing: exit 3."""
-    from proxy.d1.client import D1Client, D1Error
+    from proxy.d1.client import D1Error
     from proxy.verify.d1side import D1Place, store_table
 
-    name, store, endpoint = _d1_feed_setup(args)
+    name, store, endpoint, client = _d1_feed_setup(args)
     tables = store.tables
     if getattr(args, "tables", None) is not None:
         tables = [store_table(store.tables, t) for t in _sync_tables(args) or []]
-    client = D1Client.from_store(name, store)
 
     async def run() -> int:
         async with client:

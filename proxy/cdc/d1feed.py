@@ -83,7 +83,7 @@ from proxy.cdc.pgoutput import (
 )
 from proxy.cdc.replication import ReplicationConnection
 from proxy.cdc.sqlconn import DatabaseUnreachable, Endpoint, SqlConnection, qualified, quote_ident, quote_literal
-from proxy.cdc.sync import StopResult
+from proxy.cdc.sync import StopResult, drop_slot_and_publication, publication_exists, release_slot, slot_info
 from proxy.d1.client import D1Client, D1Error, D1SqlError, D1Unavailable, Param, Statement
 from proxy.d1.schema import D1Table, differences, read_pg_tables, split_name, to_d1
 from proxy.d1.types import D1TypeError
@@ -306,29 +306,12 @@ class FeedResult:
 
 # --- the source and D1's record -------------------------------------------------------------------
 
-_SLOT_INFO = """
-select coalesce((select json_build_object(
-  'plugin', s.plugin, 'active', s.active, 'active_pid', s.active_pid,
-  'confirmed_flush_lsn', s.confirmed_flush_lsn::text, 'current_lsn', pg_current_wal_lsn()::text,
-  'lag_bytes', pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,
-  'retained_bytes', pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint)
-  from pg_replication_slots s where s.slot_name = {slot}), 'null')
-"""
 
 _STATE_DDL = (
     f"CREATE TABLE IF NOT EXISTS {d1_ident(STATE_TABLE)} (slot TEXT PRIMARY KEY, store TEXT NOT NULL, "
     "source TEXT NOT NULL, tables TEXT NOT NULL, phase TEXT NOT NULL, started_at TEXT NOT NULL, "
     "backfilled_at TEXT, backfill_rows INTEGER, updated_at TEXT NOT NULL) STRICT"
 )
-
-
-async def slot_info(conn: SqlConnection, slot: str) -> dict[str, Any] | None:
-    info: dict[str, Any] | None = await conn.json(_SLOT_INFO.format(slot=quote_literal(slot)))
-    return info
-
-
-async def _publication_exists(conn: SqlConnection, publication: str) -> bool:
-    return bool(await conn.query(f"select 1 from pg_publication where pubname = {quote_literal(publication)}"))
 
 
 async def read_record(client: D1Client, slot: str) -> dict[str, Any] | None:
@@ -594,7 +577,7 @@ class D1Feed:
     async def _publication(self, conn: SqlConnection) -> bool:
         """Create the publication (True), or make it publish exactly the store's tables."""
         names = ", ".join(_source_name(t) for t in self.tables)
-        if not await _publication_exists(conn, self.name):
+        if not await publication_exists(conn, self.name):
             await conn.query(f"create publication {quote_ident(self.name)} for table {names}")
             self.say(f'created publication "{self.name}" for {len(self.tables)} table(s) on {self.source.backend}')
             return True
@@ -1031,7 +1014,7 @@ async def feed_status(store: str, source: Endpoint, client: D1Client | None) -> 
     name = feed_name(store)
     async with await SqlConnection.connect(source, application_name="pgshift-d1") as conn:
         info = await slot_info(conn, name)
-        publication = await _publication_exists(conn, name)
+        publication = await publication_exists(conn, name)
     record: dict[str, Any] | None = None
     d1_error: str | None = None
     if client is not None and info is not None:
@@ -1061,26 +1044,9 @@ async def feed_stop(store: str, source: Endpoint, client: D1Client | None, *, fo
                     f'slot "{name}" is in use: process {info["active_pid"]} streams from it. Stop that feed first '
                     "(Ctrl-C / SIGTERM), or pass --force to terminate its walsender and drop the slot anyway"
                 ])  # fmt: skip
-            await conn.query(f"select pg_terminate_backend({int(info['active_pid'])})")
-            lines.append(f'terminated the walsender (pid {info["active_pid"]}) streaming from slot "{name}"')
-            deadline = time.monotonic() + ACTIVE_WAIT
-            while (info := await slot_info(conn, name)) is not None and info["active"]:
-                if time.monotonic() > deadline:
-                    return StopResult(False, [*lines, f'slot "{name}" is still active; try again'])
-                await asyncio.sleep(0.2)
-        if info is not None:
-            await conn.query(
-                "select pg_drop_replication_slot(slot_name) from pg_replication_slots "
-                f"where slot_name = {quote_literal(name)}"
-            )
-            lines.append(f'dropped replication slot "{name}" on {source.backend}')
-        else:
-            lines.append(f'no replication slot "{name}" on {source.backend}: nothing to drop')
-        if await _publication_exists(conn, name):
-            await conn.query(f"drop publication {quote_ident(name)}")
-            lines.append(f'dropped publication "{name}" on {source.backend}')
-        else:
-            lines.append(f'no publication "{name}" on {source.backend}: nothing to drop')
+            if not await release_slot(conn, name, int(info["active_pid"]), lines):
+                return StopResult(False, lines)
+        await drop_slot_and_publication(conn, source.backend, name, name, lines)
     if client is not None:
         try:
             await _forget_record(client, name)

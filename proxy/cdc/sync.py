@@ -200,12 +200,12 @@ class ProgressDisplay:
 # --- source and target helpers ------------------------------------------------------------------
 
 
-async def _slot_info(src: SqlConnection, slot: str) -> dict[str, Any] | None:
+async def slot_info(src: SqlConnection, slot: str) -> dict[str, Any] | None:
     info: dict[str, Any] | None = await src.json(_SLOT.format(slot=quote_literal(slot)))
     return info
 
 
-async def _publication_exists(src: SqlConnection, publication: str) -> bool:
+async def publication_exists(src: SqlConnection, publication: str) -> bool:
     rows = await src.query(f"select 1 from pg_publication where pubname = {quote_literal(publication)}")
     return bool(rows)
 
@@ -649,7 +649,7 @@ class SyncRun:
             if post_data is not None:
                 await state.update(schema_post_data=post_data)
             self.phase = "backfill"
-            if not await _publication_exists(src, o.publication):
+            if not await publication_exists(src, o.publication):
                 await src.query(
                     f"create publication {quote_ident(o.publication)} for table {', '.join(tables)} "
                     "with (publish_via_partition_root = true)"
@@ -800,7 +800,7 @@ class SyncRun:
         (the process of a killed sync: the server notices the closed connection shortly)."""
         deadline = time.monotonic() + ACTIVE_WAIT
         while True:
-            slot = await _slot_info(src, self.options.slot)
+            slot = await slot_info(src, self.options.slot)
             if slot is None or not slot["active"] or time.monotonic() >= deadline:
                 return slot
             await asyncio.sleep(0.5)
@@ -835,7 +835,7 @@ class SyncRun:
 
     async def _stream(self, src: SqlConnection, repl: ReplicationConnection, state: _State) -> None:
         o, result = self.options, self.result
-        slot = await _slot_info(src, o.slot)
+        slot = await slot_info(src, o.slot)
         confirmed = parse_lsn(slot["confirmed_flush_lsn"]) if slot and slot["confirmed_flush_lsn"] else 0
         # 0: the slot's confirmed position (the server never goes back further anyway).
         # advance_when_idle: while the published tables are idle, the slot follows the server's
@@ -1084,8 +1084,8 @@ async def sync_status(source: Endpoint, target: Endpoint, slot: str = DEFAULT_SL
             )
     publication = state["publication"] if state else DEFAULT_PUBLICATION
     async with await SqlConnection.connect(source) as src:
-        info = await _slot_info(src, slot)
-        has_publication = await _publication_exists(src, publication)
+        info = await slot_info(src, slot)
+        has_publication = await publication_exists(src, publication)
     report = StatusReport(slot, publication, state, info, has_publication, tables, [])
     if report.retaining_without_consumer and info is not None:
         report.warnings.append(
@@ -1108,6 +1108,39 @@ class StopResult:
         return {"ok": self.ok, "messages": self.lines}
 
 
+async def release_slot(src: SqlConnection, slot: str, pid: int, lines: list[str]) -> bool:
+    """Terminate the walsender (``pid``) streaming from ``slot`` and wait until the slot is free;
+    False (with the reason in ``lines``) if it is still active after ACTIVE_WAIT."""
+    await src.query(f"select pg_terminate_backend({pid})")
+    lines.append(f'terminated the walsender (pid {pid}) streaming from slot "{slot}"')
+    deadline = time.monotonic() + ACTIVE_WAIT
+    while (info := await slot_info(src, slot)) is not None and info["active"]:
+        if time.monotonic() > deadline:
+            lines.append(f'slot "{slot}" is still active; try again')
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
+async def drop_slot_and_publication(
+    src: SqlConnection, backend: str, slot: str, publication: str, lines: list[str]
+) -> None:
+    """Drop ``slot`` and ``publication`` where they exist, saying in ``lines`` what was done."""
+    if await slot_info(src, slot) is not None:
+        await src.query(
+            f"select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = "
+            f"{quote_literal(slot)}"
+        )
+        lines.append(f'dropped replication slot "{slot}" on {backend}')
+    else:
+        lines.append(f'no replication slot "{slot}" on {backend}: nothing to drop')
+    if await publication_exists(src, publication):
+        await src.query(f"drop publication {quote_ident(publication)}")
+        lines.append(f'dropped publication "{publication}" on {backend}')
+    else:
+        lines.append(f'no publication "{publication}" on {backend}: nothing to drop')
+
+
 async def sync_stop(
     source: Endpoint, target: Endpoint, slot: str = DEFAULT_SLOT, publication: str | None = None, *, force: bool = False
 ) -> StopResult:
@@ -1117,7 +1150,7 @@ async def sync_stop(
     if publication is None:
         publication = state["publication"] if state else DEFAULT_PUBLICATION
     async with await SqlConnection.connect(source) as src:
-        info = await _slot_info(src, slot)
+        info = await slot_info(src, slot)
         copying = (
             state is not None and state["phase"] == "backfill" and state.get("process")
             and state["age"] is not None and state["age"] < HEARTBEAT_STALE
@@ -1131,27 +1164,9 @@ async def sync_stop(
                     f'slot "{slot}" is in use: {who}. Stop that sync first (Ctrl-C / SIGTERM), or pass --force '
                     "to terminate its walsender and drop the slot anyway"
                 ])  # fmt: skip
-            if info["active"]:
-                await src.query(f"select pg_terminate_backend({int(info['active_pid'])})")
-                lines.append(f'terminated the walsender (pid {info["active_pid"]}) streaming from slot "{slot}"')
-                deadline = time.monotonic() + ACTIVE_WAIT
-                while (info := await _slot_info(src, slot)) is not None and info["active"]:
-                    if time.monotonic() > deadline:
-                        return StopResult(False, [*lines, f'slot "{slot}" is still active; try again'])
-                    await asyncio.sleep(0.2)
-        if info is not None:
-            await src.query(
-                f"select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = "
-                f"{quote_literal(slot)}"
-            )
-            lines.append(f'dropped replication slot "{slot}" on {source.backend}')
-        else:
-            lines.append(f'no replication slot "{slot}" on {source.backend}: nothing to drop')
-        if await _publication_exists(src, publication):
-            await src.query(f"drop publication {quote_ident(publication)}")
-            lines.append(f'dropped publication "{publication}" on {source.backend}')
-        else:
-            lines.append(f'no publication "{publication}" on {source.backend}: nothing to drop')
+            if info["active"] and not await release_slot(src, slot, int(info["active_pid"]), lines):
+                return StopResult(False, lines)
+        await drop_slot_and_publication(src, source.backend, slot, publication, lines)
     if state is not None and state["phase"] != "stopped":
         async with await SqlConnection.connect(target) as tgt:
             await tgt.query(
