@@ -15,8 +15,11 @@ from typing import Any, TypeVar
 from proxy.admin.api import AdminApi
 from proxy.admin.metrics import build_registry
 from proxy.config import Config
+from proxy.control.pgstore import PgStore
 from proxy.control.plane import ControlPlane
 from proxy.errors import ConfigError, PgShiftError
+from proxy.migrate.coordinate import PauseAgent
+from proxy.migrate.migrator import Migrator
 from proxy.server import Server
 from proxy.verify.sampler import Sampler
 
@@ -31,6 +34,7 @@ class Running:
     plane: ControlPlane
     admin: AdminApi | None
     sampler: Sampler | None = None  # continuous sampling ([verify] interval > 0)
+    migrator: Migrator | None = None
 
 
 async def serve(
@@ -60,6 +64,7 @@ async def serve(
     admin: AdminApi | None = None
     sampler: Sampler | None = None
     background: asyncio.Task[None] | None = None
+    helpers: list[asyncio.Task[Any]] = []
     signals: list[signal.Signals] = []
     reloads: set[asyncio.Task[None]] = set()
 
@@ -79,17 +84,26 @@ async def serve(
             # Backends from the running config (a reload may change them), the pair from the live
             # routing at each round; [verify] itself is read at startup.
             sampler = Sampler(config.verify, lambda: plane.config, lambda: plane.live.routing)
+        migrator = Migrator(
+            server, plane, verify=sampler.summary if sampler is not None else lambda: None,
+            config_dir=config_path.parent if config_path is not None else None,
+        )  # fmt: skip
         if config.admin.enabled:
             registry = build_registry(server, plane)
             if sampler is not None:
                 registry.register(sampler.collector())
-            admin = AdminApi(server, plane, registry, verify=sampler)
+            admin = AdminApi(server, plane, registry, verify=sampler, migrator=migrator)
             try:
                 await admin.start()
             except OSError as exc:
                 raise _cannot_listen("admin", config.admin.host, config.admin.port, exc) from None
             plane.admin_address = f"{config.admin.host}:{admin.port}"
         background = loop.create_task(plane.run(stop), name="control-plane")
+        if isinstance(plane.store, PgStore):
+            # Every instance obeys the cut's pause through the shared store (migrate/coordinate.py).
+            helpers.append(loop.create_task(PauseAgent(server, plane, plane.store).run(stop), name="pause-agent"))
+        # The migration's state; a cut this instance was running when it died is finished or undone.
+        helpers.append(loop.create_task(_run_migrator(migrator, stop), name="migrate"))
         if sampler is not None:
             sampler.start()
         if handle_signals:
@@ -103,7 +117,7 @@ async def serve(
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
         if on_ready is not None:
-            result = on_ready(Running(server, plane, admin, sampler))
+            result = on_ready(Running(server, plane, admin, sampler, migrator))
             if result is not None:
                 await result
         await stop.wait()
@@ -113,6 +127,10 @@ async def serve(
         stop.set()
         if sampler is not None:
             await sampler.stop()  # (a round in progress is cancelled: nothing to finish)
+        for helper in helpers:
+            helper.cancel()
+        if helpers:
+            await asyncio.wait(helpers, timeout=2.0)
         await server.stop(config.proxy.shutdown_grace)
         if admin is not None:
             await admin.stop()
@@ -131,6 +149,16 @@ def _cannot_listen(section: str, host: str, port: int, exc: OSError) -> ConfigEr
         f"cannot listen on {host}:{port} ([{section}] host/port): {exc.strerror or exc}",
         hint="Another process (another pgshift?) may hold the port; choose another or stop it.",
     )
+
+
+async def _run_migrator(migrator: Migrator, stop: asyncio.Event) -> None:
+    try:
+        await migrator.start()
+    except PgShiftError as exc:
+        log.error("migration state: %s", exc.message)
+    except Exception:  # the proxy serves on; `pgshift migrate status` reports the problem again
+        log.exception("migration state could not be loaded")
+    await migrator.run(stop)
 
 
 async def _reload(plane: ControlPlane) -> None:

@@ -234,6 +234,67 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate_call(args: argparse.Namespace, call: Callable[[Any], dict[str, Any]]) -> int:
+    from proxy.admin.client import AdminRefused
+    from proxy.admin.migrate_render import guard_lines, step_lines
+
+    with _admin(args) as api:
+        try:
+            result = call(api)
+        except AdminRefused as exc:
+            guards = exc.data.get("guards") if isinstance(exc.data, dict) else None
+            if args.json and isinstance(exc.data, dict):
+                _print_json(exc.data)
+            elif guards:
+                print(f"pgshift: {exc.message}", file=sys.stderr)
+                for line in guard_lines(guards):
+                    print("  " + line, file=sys.stderr)
+                return exc.exit_code
+            raise
+    if args.json:
+        _print_json(result)
+    else:
+        for line in step_lines(result):
+            print(line)
+    aborted = any(t.get("result") == "aborted" for t in result.get("taken") or [])
+    return 1 if aborted else 0
+
+
+def _cmd_migrate_status(args: argparse.Namespace) -> int:
+    from proxy.admin.migrate_render import status_lines
+
+    with _admin(args) as api:
+        status = api.migrate_status()
+    if args.json:
+        _print_json(status)
+    else:
+        for line in status_lines(status):
+            print(line)
+    return 0
+
+
+def _read_steps(text: str) -> list[int]:
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give percentages separated by commas, e.g. 1,10,50,100") from None
+    if not steps or steps != sorted(set(steps)) or steps[-1] != 100 or steps[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: steps must rise from 1 or more to 100, e.g. 1,10,50,100")
+    return steps
+
+
+def _cmd_migrate_advance(args: argparse.Namespace) -> int:
+    return _migrate_call(args, lambda api: api.migrate_advance(args.to, args.read_steps))
+
+
+def _cmd_migrate_rollback(args: argparse.Namespace) -> int:
+    return _migrate_call(args, lambda api: api.migrate_rollback(args.to))
+
+
+def _cmd_migrate_decommission(args: argparse.Namespace) -> int:
+    return _migrate_call(args, lambda api: api.migrate_decommission(args.report))
+
+
 def _cmd_history(args: argparse.Namespace) -> int:
     with _admin(args) as api:
         history = api.history(args.limit)
@@ -1029,6 +1090,43 @@ def build_parser() -> argparse.ArgumentParser:
     pause.set_defaults(func=_cmd_pause)
     resume = operator("resume", "end a pause: held work goes on (to the primary of now)", [api])
     resume.set_defaults(func=_cmd_resume)
+
+    migrate = operator("migrate", "the guarded migration: phases, read shift, cut-over, rollback, decommission", [])
+    migrate_sub = migrate.add_subparsers(dest="migrate_command", required=True, metavar="ACTION")
+
+    def migrate_action(name: str, summary: str) -> argparse.ArgumentParser:
+        return migrate_sub.add_parser(
+            name, help=summary, description=summary, parents=[api], epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
+    migrate_status = migrate_action("status", "the phase, and every guard of the next step with its value and verdict")
+    migrate_status.set_defaults(func=_cmd_migrate_status)
+    migrate_advance = migrate_action(
+        "advance", "move forward one step (or --to a phase) when its guards hold; exit 4 naming the guard that blocks"
+    )
+    migrate_advance.add_argument(
+        "--to", metavar="PHASE", help="go on to this phase: dual-write, read-shift:N (or N%%), cut"
+    )
+    migrate_advance.add_argument(
+        "--read-steps",
+        type=_read_steps,
+        metavar="1,10,50,100",
+        help="the read shares to pass (default: [migrate] read_steps)",
+    )
+    migrate_advance.set_defaults(func=_cmd_migrate_advance)
+    migrate_rollback = migrate_action(
+        "rollback", "back to the previous safe state; after the cut, the same guarded cut in the other direction"
+    )
+    migrate_rollback.add_argument("--to", metavar="PHASE", help="go back as far as this phase")
+    migrate_rollback.set_defaults(func=_cmd_migrate_rollback)
+    migrate_decommission = migrate_action(
+        "decommission",
+        "after the quiet period: final verify report, stop mirroring to the old database, drop its slot and "
+        "publication",
+    )
+    migrate_decommission.add_argument("--report", metavar="PATH", help="where to write the final verify report")
+    migrate_decommission.set_defaults(func=_cmd_migrate_decommission)
 
     reload = operator("reload", "make the proxy re-read its config file (like SIGHUP)", [api])
     reload.set_defaults(func=_cmd_reload)

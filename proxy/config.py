@@ -415,6 +415,40 @@ class VerifyConfig(BaseModel):
         return source, target
 
 
+class MigrateConfig(BaseModel):
+    """The guarded migration ([migrate]): which backend is moved to which, the read-shift steps, the
+    cut's time limits and the guards' thresholds (README "Migration runbook")."""
+
+    model_config = _FROZEN
+    source: str | None = None  # the database moved away from (default: routing.primary at first start)
+    target: str | None = None  # the database moved to (default: the first of routing.mirrors, else the other backend)
+    read_steps: list[Annotated[int, Field(ge=1, le=100)]] = [1, 10, 50, 100]  # % of reads on the target
+    dwell: Annotated[float, Field(ge=0, le=7 * 86400)] = 0.0  # least seconds at a read step before the next
+    drain_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0  # the cut gives up (and resumes) after this
+    pause_max: Annotated[float, Field(gt=0, le=3600)] = 30.0  # no pause outlives this, whatever happens
+    catchup_timeout: Annotated[float, Field(gt=0, le=3600)] = 10.0  # mirror queue and stream at zero lag
+    max_sync_lag: Annotated[float, Field(ge=0, le=86400)] = 5.0  # seconds the change stream may be behind
+    require_sync: bool = True  # the change stream must run (false: dual write alone carries changes)
+    sync_slot: str = "pgshift_sync"  # the slot of `pgshift sync start --slot`
+    verify_max_age: Annotated[float, Field(ge=0, le=30 * 86400)] = 3600.0  # a clean verify this recent; 0: not required
+    quiet_period: Annotated[float, Field(ge=0, le=365 * 86400)] = 86400.0  # reverse window before decommission
+    sequence_margin: Annotated[int, Field(ge=0)] = 1000  # values left free above the other side's sequences
+    state_file: Path | None = None  # without [control] store: default pgshift-migration.json beside the state file
+    report_dir: Path | None = None  # the final verify report (default: beside config.toml)
+
+    @model_validator(mode="after")
+    def _check(self) -> MigrateConfig:
+        if self.read_steps != sorted(set(self.read_steps)):
+            raise ValueError(f"read_steps must rise, each step once, e.g. [1, 10, 50, 100], not {self.read_steps}")
+        if self.read_steps and self.read_steps[-1] != 100:
+            raise ValueError(
+                f"read_steps must end at 100 (every read on the target before the cut), not {self.read_steps}"
+            )
+        if self.source is not None and self.source == self.target:
+            raise ValueError(f"source and target are both {self.source!r}: name two different backends")
+        return self
+
+
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
 
@@ -480,6 +514,7 @@ class Config(BaseModel):
     control: ControlConfig = ControlConfig()
     mirror: MirrorConfig = MirrorConfig()
     verify: VerifyConfig = VerifyConfig()
+    migrate: MigrateConfig = MigrateConfig()
     backends: Annotated[dict[str, BackendConfig], Field(min_length=1)]
     routing: RoutingConfig
     stores: dict[str, StoreConfig] = {}  # write targets other than Postgres: D1 (issue 8)
@@ -518,6 +553,11 @@ class Config(BaseModel):
                     f"backends.{name}.mirror_user (and mirror_password), or a user in its dsn"
                 )
         problems += self._verify_problems()
+        problems += [
+            f"migrate.{key} = {name!r} is not a backend; declared backends: {', '.join(sorted(self.backends))}"
+            for key, name in (("source", self.migrate.source), ("target", self.migrate.target))
+            if name is not None and name not in self.backends
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return self

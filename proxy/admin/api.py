@@ -21,6 +21,7 @@ from proxy.config import is_loopback
 from proxy.control.plane import ControlPlane, parse_routing
 from proxy.control.versions import RoutingVersion, describe_change, dump_routing
 from proxy.errors import ControlError, PgShiftError
+from proxy.migrate.migrator import Blocked, Migrator
 from proxy.server import Server
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,13 @@ class AdminApi:
         registry: CollectorRegistry,
         *,
         verify: StatusSource | None = None,
+        migrator: Migrator | None = None,
     ) -> None:
         self.server = server
         self.plane = plane
         self.registry = registry
         self.verify = verify  # continuous sampling ([verify] interval > 0)
+        self.migrator = migrator
         admin = plane.config.admin
         self.token = admin.resolved_token
         self.everything_guarded = not is_loopback(admin.host)
@@ -77,6 +80,10 @@ class AdminApi:
         r.add_post("/api/reload", self.reload)
         r.add_get("/api/mirror", self.mirror_status)
         r.add_post("/api/mirror/{name}/resume", self.mirror_resume)
+        r.add_get("/api/migrate", self.migrate_status)
+        r.add_post("/api/migrate/advance", self.migrate_advance)
+        r.add_post("/api/migrate/rollback", self.migrate_rollback)
+        r.add_post("/api/migrate/decommission", self.migrate_decommission)
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
@@ -369,6 +376,61 @@ class AdminApi:
         seconds = pause.end()
         log.warning("resume requested by %s (%s)", self._caller(request), "was paused" if was else "was not paused")
         return web.json_response({"was_paused": was, "paused_ms": round(seconds * 1000, 3), **pause.summary()})
+
+    # --- the migration (issue 9) ---------------------------------------------------------------
+
+    def _migrator(self) -> Migrator:
+        if self.migrator is None:
+            raise ControlError("this proxy runs no migration (it was started without one)")
+        return self.migrator
+
+    async def _migrate_body(self, request: web.Request, allowed: set[str]) -> dict[str, Any]:
+        body = await self._body(request, optional=True)
+        if not isinstance(body, dict):
+            raise ControlError('body must be a JSON object, e.g. {"to": "cut"}')
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise ControlError(f"unknown key(s) {', '.join(unknown)}: use {', '.join(sorted(allowed))}")
+        to = body.get("to")
+        if to is not None and not isinstance(to, str | int):
+            raise ControlError(f'to must be a phase name or a read share ("cut", "read-shift:50"), not {to!r}')
+        return body
+
+    async def migrate_status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._migrator().status())
+
+    async def migrate_advance(self, request: web.Request) -> web.Response:
+        body = await self._migrate_body(request, {"to", "read_steps"})
+        steps = body.get("read_steps")
+        numbers = isinstance(steps, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in steps)
+        if steps is not None and not numbers:
+            raise ControlError(f"read_steps must be a list of percentages like [1, 10, 50, 100], not {steps!r}")
+        to = body.get("to")
+        try:
+            answer = await self._migrator().advance(None if to is None else str(to), steps, self._caller(request))
+        except Blocked as exc:
+            return web.json_response({"error": {"status": 409, "message": exc.message}, **exc.answer}, status=409)
+        return web.json_response(answer)
+
+    async def migrate_rollback(self, request: web.Request) -> web.Response:
+        body = await self._migrate_body(request, {"to"})
+        to = body.get("to")
+        try:
+            answer = await self._migrator().rollback(None if to is None else str(to), self._caller(request))
+        except Blocked as exc:
+            return web.json_response({"error": {"status": 409, "message": exc.message}, **exc.answer}, status=409)
+        return web.json_response(answer)
+
+    async def migrate_decommission(self, request: web.Request) -> web.Response:
+        body = await self._migrate_body(request, {"report"})
+        report = body.get("report")
+        if report is not None and not isinstance(report, str):
+            raise ControlError("report must be a file path")
+        try:
+            answer = await self._migrator().decommission(self._caller(request), report)
+        except Blocked as exc:
+            return web.json_response({"error": {"status": 409, "message": exc.message}, **exc.answer}, status=409)
+        return web.json_response(answer)
 
     async def mirror_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.server.mirror.status())

@@ -44,9 +44,10 @@ class AdminRefused(AdminError):
 
     exit_code = 4
 
-    def __init__(self, status: int, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, hint: str | None = None, data: Any = None) -> None:
         super().__init__(message, hint=hint)
         self.status = status
+        self.data = data  # the whole answer (a blocked migration step lists its guards there)
 
 
 class AdminFailed(AdminError):
@@ -231,6 +232,28 @@ class AdminClient:
     def mirror_resume(self, name: str, *, repaired: bool = False) -> dict[str, Any]:
         return self._call("POST", f"api/mirror/{quote(name, safe='')}/resume", body={"repaired": repaired})
 
+    # (a migration step may wait out dwell times and a cut: its answer can take long)
+    MIGRATE_TIMEOUT = 24 * 3600.0
+
+    def migrate_status(self) -> dict[str, Any]:
+        return self._call("GET", "api/migrate", timeout=max(self.timeout, 30.0))
+
+    def migrate_advance(self, to: str | None, read_steps: list[int] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if to is not None:
+            body["to"] = to
+        if read_steps is not None:
+            body["read_steps"] = read_steps
+        return self._call("POST", "api/migrate/advance", body=body, timeout=self.MIGRATE_TIMEOUT)
+
+    def migrate_rollback(self, to: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {} if to is None else {"to": to}
+        return self._call("POST", "api/migrate/rollback", body=body, timeout=self.MIGRATE_TIMEOUT)
+
+    def migrate_decommission(self, report: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {} if report is None else {"report": report}
+        return self._call("POST", "api/migrate/decommission", body=body, timeout=self.MIGRATE_TIMEOUT)
+
     # --- transport ----------------------------------------------------------------------------
 
     def _call(
@@ -288,7 +311,7 @@ class AdminClient:
             message = f"HTTP {status} {response.reason_phrase} from {self.target.url}" + (f": {text}" if text else "")
         hint = self.target.token_problem if status in (401, 403) and self.target.token is None else None
         if 400 <= status < 500:
-            raise AdminRefused(status, message, hint=hint)
+            raise AdminRefused(status, message, hint=hint, data=data)
         raise AdminFailed(status, message, hint=hint)
 
 

@@ -513,18 +513,20 @@ class ReplicationConnection:
         status update reports it as flushed. Positions never move backwards."""
         if lsn > self._confirmed:
             self._confirmed = lsn
+            if self._advance_when_idle and self._idle():
+                # Caught up: say so now rather than at the next status tick, so that a cut-over
+                # waiting for this stream (cdc/handover.py) sees it within milliseconds.
+                self.send_status()
+
+    def _idle(self) -> bool:
+        return not self._events and not self._in_txn and self._confirmed >= self._delivered_commit_end
 
     def send_status(self, *, reply_requested: bool = False) -> None:
         """Send a Standby status update now (they also go out every status_interval seconds)."""
         if self._phase is not _Phase.STREAMING or self._conn.closed:
             return
         flush = max(self._confirmed, self._reported_flush)
-        if (
-            self._advance_when_idle
-            and not self._events
-            and not self._in_txn
-            and self._confirmed >= self._delivered_commit_end
-        ):
+        if self._advance_when_idle and self._idle():
             flush = max(flush, self._keepalive_end)
         self._reported_flush = flush
         # write: how far we have received. Only flush moves a logical slot; write is what a
@@ -771,7 +773,9 @@ class ReplicationConnection:
             self._keepalive_end = max(self._keepalive_end, item.end_lsn)
             self.server_wal_end = max(self.server_wal_end, item.end_lsn)
             self.server_time = item.server_time
-            if item.reply_requested:
+            if item.reply_requested or (
+                self._advance_when_idle and item.end_lsn > self._reported_flush and self._idle()
+            ):
                 self.send_status()
             return
         self._received = max(self._received, item.start_lsn)

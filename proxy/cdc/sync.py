@@ -95,7 +95,10 @@ create table if not exists {STATE_TABLE} (
   lag_seconds double precision,
   last_error text,
   schema_post_data text);       -- --schema: the indexes/constraints to apply once the copy is done
-alter table {STATE_TABLE} add column if not exists schema_post_data text
+alter table {STATE_TABLE} add column if not exists schema_post_data text;
+-- Set by a cut-over (migrate/cut.py): the target is the primary now, and this stream must not run
+-- (it would apply the reverse mirror's writes back onto the target, late). Cleared by a rollback.
+alter table {STATE_TABLE} add column if not exists hold text
 """
 
 _SLOT = """
@@ -585,6 +588,14 @@ class SyncRun:
 
     async def _run(self, src: SqlConnection, tgt: SqlConnection, report: CheckReport) -> StartResult:
         o, result = self.options, self.result
+        held = await _read_state(tgt, o.slot)
+        if held is not None and held.get("hold"):
+            result.problems.append(
+                f"this stream is held: {held['hold']}. It must not run while {self.target.backend} is the primary; "
+                "`pgshift migrate rollback` releases it"
+            )
+            result.exit_code = EXIT_FAILED
+            return result
         tables = await _selected_tables(src, report, o.tables is None)
         if not tables:
             result.problems.append("no table to sync (the source has none, or --tables selected none)")

@@ -384,6 +384,10 @@ class ControlPlane:
     def _notified(self) -> None:
         self._poke.set()
 
+    def poke(self) -> None:
+        """Look at the shared store now (new versions, heartbeat) rather than at the next beat."""
+        self._poke.set()
+
     async def refresh(self) -> None:
         """Install versions other instances made (newest valid one wins)."""
         async with self._lock:

@@ -173,14 +173,43 @@ class Capture:
         self._fifo.extend(_Entry(_FRONT[code], [] if code == FrontendCode.QUERY.value else None) for code, _ in frames
                           if code in _FRONT)  # fmt: skip
 
-    def request(self, frames: list[RawFrame]) -> list[RawFrame] | None:
-        """Plan the request's statements and push their FIFO entries; the frames to send instead,
-        or None if they go as they are. Raises Rejected (nothing pushed) when a policy refuses one."""
+    def _current_policy(self) -> Policy:
         config = self.manager.config
         policy = self._policy
         if policy is None or self._policy_for is not config:  # (once per session and config)
             policy = self._policy = self.manager.policy(self.user, self.application_name)
             self._policy_for = config
+        return policy
+
+    def adopt(self, name: str, raw: bytes) -> bytes | None:
+        """A named statement the session prepared before capture began, or on another primary:
+        its Parse as capture would have sent it, when capture adds a row image to it (it is then
+        recorded here as rewritten, and the session must Parse it again on the primary before its
+        next use); None when it stays as it is. Without this, every write through a statement
+        prepared before dual write began (a pool's long-lived connections) would go unmirrored."""
+        existing = self._prepared.get(name) or self._parsing.get(name)
+        if existing is not None and existing.rewritten:
+            return None
+        codec = self.settings.codec()
+        if codec is None or not self.settings.exact_floats():
+            return None
+        _, sql, _ = wireedit.parse_parts(raw, codec)
+        plans = self.manager.plans.get(sql)
+        plan = plans[0] if len(plans) == 1 else _NOT_MIRRORED
+        try:
+            run = self._run_for(plan, self._current_policy())
+        except Rejected:
+            return None  # refused at its Bind, as any other write of that kind
+        if not (run.rewritten and plan.rewritten):
+            return None
+        self._prepared[name] = _Prepared(plan, b"", True)
+        self._parsing.pop(name, None)
+        return self.manager.rewritten_parse(raw, plan.rewritten, codec)
+
+    def request(self, frames: list[RawFrame]) -> list[RawFrame] | None:
+        """Plan the request's statements and push their FIFO entries; the frames to send instead,
+        or None if they go as they are. Raises Rejected (nothing pushed) when a policy refuses one."""
+        policy = self._current_policy()
         changed = False
         out: list[RawFrame] = []
         entries: list[_Entry] = []

@@ -81,6 +81,11 @@ class MirrorManager:
         self._default = Policy("async", 0.0, "record")
         self._default_for: MirrorConfig | None = None
         self._closing = False
+        # Mirrors a change stream feeds (the migration's target while `pgshift sync` streams to
+        # it; set by migrate/migrator.py): the stream alone writes them. Two writers would race —
+        # a replayed relative UPDATE (n = n + 1) applied after the stream's row image of the same
+        # transaction counts twice — so their transactions are counted as "covered", not applied.
+        self.covered: frozenset[str] = frozenset()
 
     # --- what captures ask ----------------------------------------------------------------------
 
@@ -179,6 +184,9 @@ class MirrorManager:
         waits: list[tuple[str, asyncio.Future[Outcome]]] = []
         limit = self.config.queue_bytes
         for mirror in mirrors:
+            if mirror in self.covered:
+                self.counts[(mirror, "covered")] += 1
+                continue
             key = (mirror, capture.database)
             stream = self.streams.get(key) or self._open(key)
             if key not in self.detached:
@@ -250,6 +258,8 @@ class MirrorManager:
         """A statement of a committed transaction that the mirrors do not get (DDL kept on the
         primary, an unsafe write under mirror.unsafe = "record", …): journaled per mirror."""
         for mirror in self.live.table.mirrors:
+            if mirror in self.covered:
+                continue  # (the change stream carries it)
             self.journal.record(
                 Divergence(
                     mirror, capture.database, reason, plan.tables, plan.fingerprint, plan.sql[:_STATEMENT_CHARS],
@@ -259,7 +269,8 @@ class MirrorManager:
 
     def unmirrored(self, capture: Capture, tables: tuple[str, ...], reason: str) -> None:
         for mirror in self.targets(capture.primary):
-            self.journal.record(Divergence(mirror, capture.database, reason, tables, kind="unmirrored"))
+            if mirror not in self.covered:
+                self.journal.record(Divergence(mirror, capture.database, reason, tables, kind="unmirrored"))
 
     # --- streams -------------------------------------------------------------------------------
 
@@ -445,6 +456,8 @@ class MirrorManager:
                     "unmirrored": self.journal.counts[(mirror, "unmirrored")],
                     "unmirrored_txns": self.counts[(mirror, "unmirrored_txns")],
                     "sync_timeouts": self.counts[(mirror, "sync_timeouts")],
+                    "covered": mirror in self.covered,  # a change stream writes it: nothing applied here
+                    "covered_txns": self.counts[(mirror, "covered")],
                     "out_of_sync": out_of_sync,
                 }
             )

