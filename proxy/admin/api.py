@@ -44,6 +44,14 @@ def _seconds(body: dict[str, Any], key: str, default: float, least: float, most:
     return float(value)
 
 
+async def _step(work: Awaitable[dict[str, Any]]) -> web.Response:
+    """A migration step's answer; a blocked step is 409 with every guard in the body."""
+    try:
+        return web.json_response(await work)
+    except Blocked as exc:
+        return web.json_response({"error": {"status": 409, "message": exc.message}, **exc.answer}, status=409)
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"status": status, "message": message}}, status=status)
 
@@ -406,31 +414,19 @@ class AdminApi:
         if steps is not None and not numbers:
             raise ControlError(f"read_steps must be a list of percentages like [1, 10, 50, 100], not {steps!r}")
         to = body.get("to")
-        try:
-            answer = await self._migrator().advance(None if to is None else str(to), steps, self._caller(request))
-        except Blocked as exc:
-            return web.json_response({"error": {"status": 409, "message": exc.message}, **exc.answer}, status=409)
-        return web.json_response(answer)
+        return await _step(self._migrator().advance(None if to is None else str(to), steps, self._caller(request)))
 
     async def migrate_rollback(self, request: web.Request) -> web.Response:
         body = await self._migrate_body(request, {"to"})
         to = body.get("to")
-        try:
-            answer = await self._migrator().rollback(None if to is None else str(to), self._caller(request))
-        except Blocked as exc:
-            return web.json_response({"error": {"status": 409, "message": exc.message}, **exc.answer}, status=409)
-        return web.json_response(answer)
+        return await _step(self._migrator().rollback(None if to is None else str(to), self._caller(request)))
 
     async def migrate_decommission(self, request: web.Request) -> web.Response:
         body = await self._migrate_body(request, {"report"})
         report = body.get("report")
         if report is not None and not isinstance(report, str):
             raise ControlError("report must be a file path")
-        try:
-            answer = await self._migrator().decommission(self._caller(request), report)
-        except Blocked as exc:
-            return web.json_response({"error": {"status": 409, "message": exc.message}, **exc.answer}, status=409)
-        return web.json_response(answer)
+        return await _step(self._migrator().decommission(self._caller(request), report))
 
     async def mirror_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.server.mirror.status())

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Protocol
 
 from proxy.control.versions import RoutingVersion
 from proxy.errors import ConfigError, StoreUnavailable, VersionConflict
+from proxy.fileio import append_synced
 
 
 class VersionStore(Protocol):
@@ -107,12 +107,6 @@ class FileStore:
 
 def _append_synced(path: Path, line: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_synced(path, line)
     except OSError as exc:
         raise StoreUnavailable(f"cannot write routing state {path}: {exc.strerror}; the change was not made") from None

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from proxy.control.pgstore import PgStore
 from proxy.errors import ConfigError, StoreUnavailable, VersionConflict
+from proxy.fileio import append_synced
 
 JOURNAL_KEEP = 10_000  # journal entries a file or memory store keeps (the oldest go first)
 
@@ -116,13 +117,7 @@ class FileMigrationStore:
 
     def _append(self, line: str) -> None:
         try:
-            self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_synced(self.journal_path, line)
         except OSError as exc:
             raise StoreUnavailable(f"cannot write the migration journal {self.journal_path}: {exc.strerror}") from None
 

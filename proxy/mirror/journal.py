@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.fileio import append_synced
 from proxy.mirror.model import Divergence
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class Journal:
                 continue
             batch, self._unwritten = self._unwritten, []
             try:
-                await loop.run_in_executor(None, _append_synced, path, "".join(line + "\n" for line in batch))
+                await loop.run_in_executor(None, append_synced, path, "".join(line + "\n" for line in batch))
             except OSError as exc:
                 # The entries stay in memory (status shows them); the file misses them: say so loudly.
                 self.write_errors += 1
@@ -158,13 +158,3 @@ class Journal:
                           len(batch))  # fmt: skip
             if not self._unwritten:
                 self._flushed.set()
-
-
-def _append_synced(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2] / "proxy"
 # Which top-level parts of `proxy` each part may import (itself always allowed).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "fileio": set(),
     "config": {"errors"},
     "localpg": {"errors"},
     "observability": {"errors", "config"},
@@ -24,17 +25,17 @@ ALLOWED: dict[str, set[str]] = {
     # the changes into a D1 store through the d1 layer
     "cdc": {"errors", "config", "wire", "backends", "mirror", "d1"},
     # dual write: capture (used by sessions) and the apply streams (own backend connections)
-    "mirror": {"errors", "config", "wire", "backends", "routing", "sql"},
+    "mirror": {"errors", "config", "wire", "backends", "routing", "sql", "fileio"},
     # Cloudflare D1 as a target for reference tables: the REST API client (httpx), type mapping,
     # schema and row writes; catalog reads go through a connection the caller passes in
     "d1": {"errors", "config"},
     "session": {"errors", "config", "wire", "backends", "routing", "sql", "observability", "mirror"},
     "server": {"errors", "config", "session", "routing", "sql", "observability", "mirror"},
-    "control": {"errors", "config", "routing", "observability"},
+    "control": {"errors", "config", "routing", "observability", "fileio"},
     "admin": {"errors", "config", "server", "control", "observability", "migrate"},
     # the guarded migration (issue 9): phases and guards over the control plane, the cut's pause
     # through the server, the change stream's handover and sequences through cdc, the final verify
-    "migrate": {"errors", "config", "server", "control", "cdc", "verify"},
+    "migrate": {"errors", "config", "server", "control", "cdc", "verify", "fileio"},
     # (the composition root starts the verify layer's continuous sampler; admin gets it as a Protocol)
     "app": {"errors", "config", "server", "routing", "observability", "control", "admin", "verify", "migrate"},
     # the demo also starts the local D1 and applies its schema (read through the cdc layer's connection)
