@@ -37,6 +37,12 @@ async def stream_state(source: Endpoint, target: Endpoint, slot: str) -> dict[st
     return {"state": state, "slot": info}
 
 
+async def stream_row(target: Endpoint, slot: str) -> dict[str, Any] | None:
+    """The stream's state row on the target (None: no sync ever ran there)."""
+    async with await SqlConnection.connect(target, "pgshift-migrate") as tgt:
+        return await _read_state(tgt, slot)
+
+
 async def caught_up(source: Endpoint, slot: str, within: float) -> dict[str, Any]:
     """Wait until the slot confirmed the source's flushed WAL position; the figures either way."""
     started = time.monotonic()

@@ -68,6 +68,10 @@ class Coordinator(Protocol):
         """End the pause everywhere; each instance first sets the mirrors a change stream covers."""
         ...
 
+    async def cover(self, covered: frozenset[str]) -> Answers:
+        """Every instance's mirrors stop applying to ``covered`` (a change stream writes them)."""
+        ...
+
     async def installed(self, version: int, within: float) -> list[str]:
         """Wait (``within`` s at most) until every live instance runs ``version``; the ones that do not."""
         ...
@@ -158,6 +162,10 @@ class LocalCoordinator:
     async def resume(self, cut: str, covered: frozenset[str] = frozenset()) -> Answers:
         return Answers(True, [{"instance": self.plane.instance, **resume_here(self.server, covered)}])
 
+    async def cover(self, covered: frozenset[str]) -> Answers:
+        self.server.mirror.covered = covered
+        return Answers(True, [{"instance": self.plane.instance, "covered": sorted(covered)}])
+
     async def installed(self, version: int, within: float) -> list[str]:
         return [] if self.server.live.version >= version else [self.plane.instance]
 
@@ -206,6 +214,12 @@ class StoreCoordinator:
         members = await self.members()
         await self.store.request_pause(cut, "resume", {"covered": sorted(covered)}, time.time())
         return await self._collect(cut, "resume", members, ANSWER_GRACE + 3.0)
+
+    async def cover(self, covered: frozenset[str]) -> Answers:
+        members = await self.members()
+        request = f"cover-{time.time_ns()}"
+        await self.store.request_pause(request, "cover", {"covered": sorted(covered)}, time.time())
+        return await self._collect(request, "cover", members, ANSWER_GRACE + 3.0)
 
     async def installed(self, version: int, within: float) -> list[str]:
         self.plane.poke()  # (the other instances heard the NOTIFY; this one may not have looked yet)
@@ -270,6 +284,9 @@ class PauseAgent:
                 bool(request.get("streamed")),
             )
             answer = await pause_here(self.server, cut, pause)
+        elif action == "cover":
+            self.server.mirror.covered = frozenset(request.get("covered") or ())
+            answer = {"ok": True, "covered": sorted(self.server.mirror.covered)}
         else:
             # The swap's version first: a held request must not run on the old primary.
             await self.plane.refresh()

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from proxy.cdc.handover import unhold
+from proxy.cdc.handover import stream_row, unhold
 from proxy.cdc.sqlconn import Endpoint, SqlConnection, resolve_endpoint
 from proxy.cdc.sync import drop_slot_and_publication, sync_stop
 from proxy.config import MigrateConfig, RoutingConfig
@@ -147,19 +147,13 @@ class Migrator:
                 async with asyncio.timeout(COVERAGE_INTERVAL):
                     await stop.wait()
 
-    async def refresh_coverage(self) -> frozenset[str]:
-        """The target is covered while a change stream feeds it (its state says backfill or
-        streaming, not held): the stream is then its only writer (MirrorManager.covered)."""
-        # (Whether or not the target mirrors yet: coverage must already hold when dual write
-        # begins, on every instance, or the first mirrored transactions would race the stream.)
+    async def refresh_coverage(self, *, mirrors: list[str] | None = None) -> frozenset[str]:
+        """The target is covered while it mirrors and a change stream feeds it (its state on the
+        target says backfill or streaming, not held): the stream is then its only writer
+        (MirrorManager.covered). ``mirrors``: the mirrors about to be installed (dual write)."""
         covered: frozenset[str] = frozenset()
-        if self.plane.current.routing.primary != self.target:
-            stream, error = await g.read_stream(
-                self.endpoint(self.source), self.endpoint(self.target), self.settings.sync_slot
-            )
-            if stream is None:
-                raise PgShiftError(f"the change stream's state cannot be read: {error}")
-            state = stream["state"]
+        if self.target in (mirrors if mirrors is not None else self.plane.current.routing.mirrors):
+            state = await stream_row(self.endpoint(self.target), self.settings.sync_slot)
             if state is not None and state["phase"] in ("backfill", "streaming") and not state.get("hold"):
                 covered = frozenset({self.target})
         if covered != self.server.mirror.covered:
@@ -446,8 +440,12 @@ class Migrator:
         routing = self.plane.current.routing
         s, t = self.source, self.target
         if step.phase is Phase.DUAL_WRITE:
-            await self.refresh_coverage()  # (this instance: now; the others poll every second)
             mirrors = [*routing.mirrors, t] if t not in routing.mirrors else list(routing.mirrors)
+            # Coverage first, on every instance: the first mirrored transactions must not race the stream.
+            covered = await self.refresh_coverage(mirrors=mirrors)
+            answers = await self.coordinator.cover(covered)
+            if not answers.ok:
+                raise ControlError(f"dual write not started: {answers.problem}")
             version, _ = await self.plane.patch(
                 {"mirrors": mirrors, "reads": reads_for(s, t, 0)}, caller, note="migrate: dual write"
             )
