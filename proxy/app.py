@@ -89,7 +89,7 @@ async def serve(
             config_dir=config_path.parent if config_path is not None else None,
         )  # fmt: skip
         if config.admin.enabled:
-            registry = build_registry(server, plane)
+            registry = build_registry(server, plane, migrator)
             if sampler is not None:
                 registry.register(sampler.collector())
             admin = AdminApi(server, plane, registry, verify=sampler, migrator=migrator)

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from proxy.control.plane import ControlPlane
+from proxy.migrate.migrator import Migrator
 from proxy.observability import LATENCY_BUCKETS, SUM
 from proxy.server import Server
 
@@ -56,6 +57,15 @@ HELP: dict[str, str] = {
     "pgshift_mirror_unmirrored_transactions": "Committed transactions a mirror did not get (detached or dropped)",
     "pgshift_mirror_out_of_sync_tables": "Tables on a mirror that need repair (see pgshift mirror status)",
     "pgshift_mirror_detached": "1 while capture for a mirror (and database) is stopped until an operator resumes it",
+    "pgshift_mirror_covered_transactions": "Committed transactions a mirror left to the change stream that also "
+    "feeds it (the migration's target while `pgshift sync` streams: the stream is its only writer)",
+    "pgshift_mirror_covered": "1 while a change stream, not the proxy, writes the mirror",
+    "pgshift_migrate_cuts": "Cut-overs (forward) and their way back (back) run by this migration, by result (done, "
+    "aborted)",
+    "pgshift_migrate_last_pause_seconds": "How long writes were paused by the last cut, on the slowest instance",
+    "pgshift_migrate_last_pause_wait_seconds": "How long requests held by the last cut waited, by quantile (0.5, 0.99, "
+    "1 = the longest)",
+    "pgshift_migrate_cut_in_progress": "1 while a cut (or its way back) is under way",
     "pgshift_analysis_cache_hits": "Statement analyses served from the cache",
     "pgshift_analysis_cache_misses": "Statements parsed with pglast (not in the cache)",
 }
@@ -153,6 +163,9 @@ class ProxyCollector(Collector):
         mirrors = sorted(set(self.plane.live.routing.mirrors) | set(tables))
         yield _gauge("pgshift_mirror_out_of_sync_tables", ["mirror"], [((m,), tables[m]) for m in mirrors])
         yield _gauge("pgshift_mirror_detached", keyed, [(k, 1) for k in sorted(manager.detached)])
+        covered = [((m,), n) for (m, event), n in sorted(manager.counts.items()) if event == "covered"]
+        yield _counter("pgshift_mirror_covered_transactions", ["mirror"], covered)
+        yield _gauge("pgshift_mirror_covered", ["mirror"], [((m,), 1) for m in sorted(manager.covered)])
 
 
 Samples = Iterable[tuple[tuple[str, ...], float]]
@@ -172,7 +185,31 @@ def _gauge(name: str, labels: list[str], items: Samples) -> GaugeMetricFamily:
     return family
 
 
-def build_registry(server: Server, plane: ControlPlane) -> CollectorRegistry:
+class MigrationCollector(Collector):
+    """The migration's cuts and what their pauses cost (from the state the migrator holds)."""
+
+    def __init__(self, migrator: Migrator) -> None:
+        self.migrator = migrator
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.migrator.state
+        cuts = state.get("cuts") or []
+        counts = Counter((str(c.get("direction")), str(c.get("result"))) for c in cuts)
+        yield _counter("pgshift_migrate_cuts", ["direction", "result"], counts.items())
+        last = cuts[-1] if cuts else None
+        yield _gauge("pgshift_migrate_last_pause_seconds", [], [((), last["pause_ms"] / 1000)] if last else [])
+        waits = (
+            [(("0.5",), last["wait_p50_ms"] / 1000), (("0.99",), last["wait_p99_ms"] / 1000),
+             (("1",), last["wait_max_ms"] / 1000)]
+            if last else []
+        )  # fmt: skip
+        yield _gauge("pgshift_migrate_last_pause_wait_seconds", ["quantile"], waits)
+        yield _gauge("pgshift_migrate_cut_in_progress", [], [((), 1 if state.get("cut") else 0)])
+
+
+def build_registry(server: Server, plane: ControlPlane, migrator: Migrator | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(server, plane))
+    if migrator is not None:
+        registry.register(MigrationCollector(migrator))
     return registry

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -180,6 +181,9 @@ def test_whole_lifecycle_under_load(clusters: TwoClusters, tmp_path: Path, env: 
         assert s["phase"] == "reverse-window" and s["primary"] == "new" and s["mirrors"] == ["old"], s
         assert fetch(new, "select hold from pgshift_sync_state") is not None
         syncs[0].proc.wait(30)  # its walsender was ended: the stream is over
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert 'pgshift_migrate_cuts_total{direction="forward",result="done"} 1.0' in metrics
+        assert "pgshift_migrate_last_pause_seconds " in metrics
         before = load.transactions
         wait_until(lambda: load.transactions > before + 50, 30, "writes after the cut")
 
