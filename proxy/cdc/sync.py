@@ -723,7 +723,18 @@ class SyncRun:
                 with contextlib.suppress(Exception):
                     await repl.close()
                 repl = None
-            if result.streamed:
+            cut_hold = await self._held_by_cut(state) if result.streamed else None
+            if cut_hold is not None:
+                # Not a failure: a cut-over (pgshift migrate) ended the stream on purpose.
+                result.error = None
+                result.exit_code = EXIT_OK
+                self.phase = "stopped"
+                await state.try_update(process=None)
+                result.messages.append(
+                    f"the stream was stopped by the cut-over ({cut_hold}); the slot stays until `pgshift migrate "
+                    "decommission` drops it, and `pgshift migrate rollback` releases the stream again"
+                )
+            elif result.streamed:
                 await state.try_update(last_error=error, process=None)
                 result.messages.append(
                     f'the slot "{o.slot}" and publication "{o.publication}" stay: fix the cause and run '
@@ -750,6 +761,14 @@ class SyncRun:
         finally:
             if repl is not None:
                 await repl.close()
+
+    async def _held_by_cut(self, state: _State) -> str | None:
+        """The hold a cut-over set on this stream (cdc/handover.py), if the stream ended for it."""
+        try:
+            row = await _read_state(state.tgt, self.options.slot)
+        except PgShiftError:
+            return None
+        return str(row["hold"]) if row is not None and row.get("hold") else None
 
     async def _copy_schema(self, src: SqlConnection, tgt: SqlConnection, tables: list[str], version: str) -> str | None:
         """--schema on a new sync: dump pre-data and post-data, apply pre-data on the target now.
