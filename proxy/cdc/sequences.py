@@ -103,18 +103,25 @@ async def sync_sequences(
     """Read every sequence on both sides and set the target's (unless ``dry_run``)."""
     src, tgt = await connect_both(source, target)
     try:
-        source_sequences: list[dict[str, Any]] = await src.json(_SEQUENCES)
-        target_sequences: list[dict[str, Any]] = await tgt.json(_SEQUENCES)
-        on_target = {(s["schema"], s["name"]): s for s in target_sequences}
-        results = []
-        for seq in source_sequences:
-            if seq["name"].startswith("pgshift_"):
-                continue  # pgshift's own bookkeeping lives on each side separately
-            results.append(await _one(tgt, seq, on_target.get((seq["schema"], seq["name"])), margin, dry_run))
+        return await sequences_on(src, tgt, margin=margin, dry_run=dry_run)
     finally:
         await src.close()
         await tgt.close()
-    return SequencesReport(source, target, margin, dry_run, results)
+
+
+async def sequences_on(
+    src: SqlConnection, tgt: SqlConnection, *, margin: int = DEFAULT_MARGIN, dry_run: bool = False
+) -> SequencesReport:
+    """sync_sequences on connections already open (a cut-over opens them before it pauses)."""
+    source_sequences: list[dict[str, Any]] = await src.json(_SEQUENCES)
+    target_sequences: list[dict[str, Any]] = await tgt.json(_SEQUENCES)
+    on_target = {(s["schema"], s["name"]): s for s in target_sequences}
+    results = []
+    for seq in source_sequences:
+        if seq["name"].startswith("pgshift_"):
+            continue  # pgshift's own bookkeeping lives on each side separately
+        results.append(await _one(tgt, seq, on_target.get((seq["schema"], seq["name"])), margin, dry_run))
+    return SequencesReport(src.endpoint, tgt.endpoint, margin, dry_run, results)
 
 
 async def _one(

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.cdc import handover
-from proxy.cdc.sequences import sync_sequences
-from proxy.cdc.sqlconn import Endpoint
+from proxy.cdc.sequences import sequences_on
+from proxy.cdc.sqlconn import Endpoint, SqlConnection
 from proxy.config import MigrateConfig
 from proxy.control.plane import ControlPlane
 from proxy.errors import PgShiftError
@@ -109,15 +109,41 @@ class Cut:
         fault(step)
 
     async def run(self) -> dict[str, Any]:
-        p, s = self.plan, self.settings
+        """The cut. Connections to both databases are opened, and the sequences set once, before the
+        pause: what remains inside it is a few round trips on open connections."""
+        p = self.plan
         await self._step("begin", {**p.as_dict(), "stream": self.stream})
+        try:
+            old = await SqlConnection.connect(self.endpoint(p.old_primary), "pgshift-cut")
+            try:
+                new = await SqlConnection.connect(self.endpoint(p.new_primary), "pgshift-cut")
+            except BaseException:
+                await old.close()
+                raise
+        except PgShiftError as exc:
+            return await self.abort(f"before the pause: {exc.message}")
+        try:
+            return await self._run(old, new)
+        finally:
+            await old.close()
+            await new.close()
+
+    async def _run(self, old: SqlConnection, new: SqlConnection) -> dict[str, Any]:
+        p, s = self.plan, self.settings
+        forward_stream = p.direction == "forward" and self.stream
+        try:
+            # Most of step 4 ahead of the pause (setting is idempotent: inside the pause only what
+            # moved since is set again, usually nothing).
+            await sequences_on(old, new, margin=s.sequence_margin)
+        except PgShiftError as exc:
+            return await self.abort(f"sequences, before the pause: {exc.message}")
         request = PauseRequest(
             f"{p.direction} cut {p.old_primary} -> {p.new_primary}",
             s.drain_timeout,
             s.pause_max,
             s.catchup_timeout,
             p.new_primary,
-            streamed=p.direction == "forward" and self.stream,
+            streamed=forward_stream,
         )
         # 1-2: pause and drain, and (per instance) the mirror queue to the new primary empty.
         self.paused = True
@@ -126,9 +152,9 @@ class Cut:
         if not answers.ok:
             return await self.abort(f"pause: {answers.problem}")
         try:
-            # 3: the change stream (forward: it still runs source → target).
-            if p.direction == "forward" and self.stream:
-                caught = await handover.caught_up(self.endpoint(p.source), s.sync_slot, s.catchup_timeout)
+            # 3: the change stream (forward: it still runs source → target; old is the source).
+            if forward_stream:
+                caught = await handover.caught_up(old, s.sync_slot, s.catchup_timeout)
                 await self._step("caught_up", caught)
                 if not caught["ok"]:
                     return await self.abort(
@@ -136,10 +162,8 @@ class Cut:
                         f"{s.catchup_timeout:g} s (slot confirmed {caught['confirmed_lsn']}, "
                         f"source at {caught['goal_lsn']})"
                     )
-            # 4: sequences on the new primary past the old one's.
-            report = await sync_sequences(
-                self.endpoint(p.old_primary), self.endpoint(p.new_primary), margin=s.sequence_margin
-            )
+            # 4: sequences on the new primary past the old one's final values.
+            report = await sequences_on(old, new, margin=s.sequence_margin)
             failed = [r for r in report.results if r.status in ("missing", "unreadable", "error")]
             await self._step(
                 "sequences",
@@ -152,13 +176,8 @@ class Cut:
                 )
             # 5: swap. Forward, the stream stops first: once the target is primary, the source gets
             # the reverse mirror's writes, which the stream must never carry back.
-            if p.direction == "forward" and self.stream:
-                lines = await handover.hold(
-                    self.endpoint(p.source),
-                    self.endpoint(p.target),
-                    s.sync_slot,
-                    f"cut {p.id} made {p.target} the primary",
-                )
+            if forward_stream:
+                lines = await handover.hold(old, new, s.sync_slot, f"cut {p.id} made {p.target} the primary")
                 self.held = True
                 await self._step("stream_held", {"lines": lines})
         except PgShiftError as exc:
@@ -170,9 +189,11 @@ class Cut:
         except PgShiftError as exc:
             return await self.abort(f"swap: {exc.message}")
         await self._step("swapped", {"version": version.version})
-        return await self.finish(version.version)
+        return await self.finish(version.version, connections=(old, new))
 
-    async def finish(self, version: int, *, recovered: bool = False) -> dict[str, Any]:
+    async def finish(
+        self, version: int, *, recovered: bool = False, connections: tuple[SqlConnection, SqlConnection] | None = None
+    ) -> dict[str, Any]:
         """After the swap: wait for every instance to run it, release (back), resume."""
         p, s = self.plan, self.settings
         behind = await self.coordinator.installed(version, INSTALL_WAIT)
@@ -182,14 +203,18 @@ class Cut:
         if p.direction == "back" and self.stream:
             # Source and target are equal now: the stream may start again from here.
             try:
-                notes = await handover.release(self.endpoint(p.source), self.endpoint(p.target), s.sync_slot)
+                if connections is not None:  # (back: the old primary is the migration's target)
+                    notes = await handover.release(connections[1], connections[0], s.sync_slot)
+                else:
+                    notes = await handover.release_endpoints(self.endpoint(p.source), self.endpoint(p.target),
+                                                             s.sync_slot)  # fmt: skip
             except PgShiftError as exc:
                 notes = [
                     f"the change stream could not be released ({exc.message}): run `pgshift migrate rollback` "
                     "again later, or clear pgshift_sync_state.hold on the target by hand"
                 ]
         elif p.direction == "forward" and self.stream and recovered:
-            notes = await handover.hold(
+            notes = await handover.hold_endpoints(
                 self.endpoint(p.source), self.endpoint(p.target), s.sync_slot, f"cut {p.id} made {p.target} the primary"
             )
         # Forward, the target is the primary now; back, the stream was released: either way no
