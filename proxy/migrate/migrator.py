@@ -24,7 +24,7 @@ from proxy.cdc.sync import drop_slot_and_publication, sync_stop
 from proxy.config import MigrateConfig, RoutingConfig
 from proxy.control.pgstore import PgStore
 from proxy.control.plane import ControlPlane
-from proxy.errors import ControlError, PgShiftError
+from proxy.errors import ControlError, PgShiftError, VersionConflict
 from proxy.migrate import guards as g
 from proxy.migrate.coordinate import Coordinator, LocalCoordinator, StoreCoordinator
 from proxy.migrate.cut import Cut, CutPlan, recover
@@ -118,18 +118,21 @@ class Migrator:
             if target is None:
                 log.warning("migration: no target ([migrate] target, or a second backend): migrate commands are off")
                 return
-            await self._save(
-                {
-                    "source": source,
-                    "target": target,
-                    "created_at": time.time(),
-                    "cut": None,
-                    "cuts": [],
-                    "cut_at": None,
-                    "reads_moved_at": None,
-                    "decommissioned_at": None,
-                }
-            )
+            try:
+                await self._save(
+                    {
+                        "source": source,
+                        "target": target,
+                        "created_at": time.time(),
+                        "cut": None,
+                        "cuts": [],
+                        "cut_at": None,
+                        "reads_moved_at": None,
+                        "decommissioned_at": None,
+                    }
+                )
+            except VersionConflict:
+                await self._load()  # another instance, started at the same time, began it: theirs it is
         self._errors_mark = self._target_errors()
         cut = self.state.get("cut")
         if cut and cut.get("owner") == self.plane.instance:
@@ -233,14 +236,19 @@ class Migrator:
             if backend == self.target and not sqlstate.startswith(_ERROR_CLASSES_IGNORED)
         )
 
-    async def _syncing(self) -> bool:
+    async def _stream(self) -> dict[str, Any]:
+        """The change stream's state row and slot ({} when they cannot be read)."""
         try:
             stream, _ = await g.read_stream(
                 self.endpoint(self.source), self.endpoint(self.target), self.settings.sync_slot
             )
         except PgShiftError:
-            return False
-        return bool(stream and stream["state"] is not None and stream["state"]["phase"] != "stopped")
+            return {}
+        return stream or {}
+
+    async def _syncing(self) -> bool:
+        state = (await self._stream()).get("state")
+        return state is not None and state["phase"] != "stopped"
 
     async def status(self) -> dict[str, Any]:
         self._ready()
@@ -329,11 +337,15 @@ class Migrator:
 
     def _cut(self, plan: CutPlan, caller: str, stream: bool) -> Cut:
         async def record(step: str, detail: dict[str, Any]) -> None:
+            # Every step goes to the journal. The state's copy of the step matters to a recovery
+            # only once the stream is held (the routing tells whether the swap happened): written
+            # then, it keeps the pause two file writes shorter per step.
             await self.store.append(time.time(), plan.id, step, detail)
-            await self._load()
-            cut = self.state.get("cut")
-            if cut and cut["id"] == plan.id and step not in ("resumed", "aborted"):
-                await self._save({**self.state, "cut": {**cut, "step": step}})
+            if step in ("begin", "stream_held"):
+                await self._load()
+                cut = self.state.get("cut")
+                if cut and cut["id"] == plan.id:
+                    await self._save({**self.state, "cut": {**cut, "step": step}})
 
         return Cut(
             plan,
@@ -489,13 +501,8 @@ class Migrator:
         return {"step": "cut" if direction == "forward" else "rollback", **result}
 
     async def _stream_exists(self) -> bool:
-        try:
-            stream, _ = await g.read_stream(
-                self.endpoint(self.source), self.endpoint(self.target), self.settings.sync_slot
-            )
-        except PgShiftError:
-            return False
-        return bool(stream and stream["state"] is not None and stream["slot"] is not None)
+        stream = await self._stream()
+        return stream.get("state") is not None and stream.get("slot") is not None
 
     async def rollback(self, to: str | None, caller: str) -> dict[str, Any]:
         self._ready()
