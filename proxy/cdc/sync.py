@@ -72,6 +72,7 @@ DEFAULT_SLOT = "pgshift_sync"
 DEFAULT_PUBLICATION = "pgshift_sync"
 STATUS_INTERVAL = 5.0  # seconds between status lines (and state updates) while streaming
 HEARTBEAT_STALE = 30.0  # a state not updated for this long belongs to no running process
+HANDOVER_GRACE = 2.5  # seconds a resumed stream waits for proxies to stop mirroring to its target
 ACTIVE_WAIT = 10.0  # how long a start waits for a dying walsender (a killed sync's) to release the slot
 
 EXIT_OK = 0
@@ -520,6 +521,7 @@ class SyncRun:
         self._state: _State | None = None  # this run's state row writer (its connection may be replaced)
         self._schema_missing: set[str] = set()  # --schema: the tables the check found missing on the target
         self.schema_created: list[str] = []  # --schema: the objects this run created on the target
+        self._was_stopped = False  # the state said "stopped" when this run began (a resume)
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -589,6 +591,7 @@ class SyncRun:
     async def _run(self, src: SqlConnection, tgt: SqlConnection, report: CheckReport) -> StartResult:
         o, result = self.options, self.result
         held = await _read_state(tgt, o.slot)
+        self._was_stopped = held is not None and held["phase"] == "stopped"
         if held is not None and held.get("hold"):
             result.problems.append(
                 f"this stream is held: {held['hold']}. It must not run while {self.target.backend} is the primary; "
@@ -870,6 +873,16 @@ class SyncRun:
         # 0: the slot's confirmed position (the server never goes back further anyway).
         # advance_when_idle: while the published tables are idle, the slot follows the server's
         # WAL instead of holding it back (and the lag reads 0 once everything is applied).
+        if self._was_stopped:
+            # A proxy that mirrors to the target leaves it to this stream once it sees the stream
+            # run (migrate/migrator.py, mirror coverage; it looks every second). Both writing at
+            # once would race: the proxy's replay of a relative UPDATE after this stream's row
+            # image of the same transaction would count twice. The slot keeps what waits meanwhile.
+            self.say(
+                f"waiting {HANDOVER_GRACE:g} s for proxies mirroring to {self.target.backend} to leave it to this "
+                "stream"
+            )
+            await asyncio.sleep(HANDOVER_GRACE)
         await repl.start(o.slot, 0, [o.publication], status_interval=1.0, advance_when_idle=True)
         result.streamed = True
         await state.update(phase="streaming", confirmed_lsn=format_lsn(confirmed) if confirmed else None)
