@@ -281,6 +281,8 @@ async def recover(cut: Cut, step: str) -> dict[str, Any]:
     if current.routing.primary == p.new_primary:
         log.warning("cut %s was interrupted after its swap (step %s): finishing it", p.id, step)
         return await cut.finish(current.version, recovered=True)
-    cut.held = p.direction == "forward" and cut.stream and step in ("stream_held",)
+    # (Whatever the step: the process may have died inside the hold, after writing it on the
+    # target and before journaling it. Before the swap a forward cut's stream was never held.)
+    cut.held = p.direction == "forward" and cut.stream
     log.warning("cut %s was interrupted before its swap (step %s): undoing it", p.id, step)
     return await cut.abort(f"interrupted at step {step!r} (pgshift stopped during the cut); nothing was swapped")
