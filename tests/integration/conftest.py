@@ -27,6 +27,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         starts_proxy = bool({"proxy", "routed_proxy"} & set(getattr(item, "fixturenames", ()))) or (
             module is not None and hasattr(module, "ProxyThread")
         )
+        if item.get_closest_marker("proxy_subprocess") is not None:
+            starts_proxy = False  # (its proxy is a subprocess on uvloop whatever the variable says)
         (keep if starts_proxy else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

@@ -269,6 +269,7 @@ def test_cut_aborted_by_a_long_transaction(clusters: TwoClusters, tmp_path: Path
         proxy.stop()
 
 
+@pytest.mark.proxy_subprocess
 def test_killed_between_swap_and_resume(clusters: TwoClusters, tmp_path: Path, env: None) -> None:
     old, new = clusters.old, clusters.new
     config_path = tmp_path / "config.toml"
@@ -351,6 +352,7 @@ def cut_then_restart(clusters: TwoClusters, tmp_path: Path, fault: str) -> tuple
     return proxy, s
 
 
+@pytest.mark.proxy_subprocess
 def test_killed_during_rollback(clusters: TwoClusters, tmp_path: Path, env: None) -> None:
     """Killed before the swap of a rollback (after "sequences"): the restart undoes it; the cut stays."""
     old, new = clusters.old, clusters.new
@@ -395,6 +397,7 @@ def test_killed_during_rollback(clusters: TwoClusters, tmp_path: Path, env: None
         proxy.stop()
 
 
+@pytest.mark.proxy_subprocess
 def test_killed_after_the_swap_of_a_rollback(clusters: TwoClusters, tmp_path: Path, env: None) -> None:
     """Killed after the swap of a rollback: the restart finishes it — primary old, the stream released."""
     old, new = clusters.old, clusters.new
