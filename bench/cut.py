@@ -56,7 +56,7 @@ from run import client_env, make_workdir  # noqa: E402
 from proxy.admin.client import AdminClient, AdminError, AdminTarget  # noqa: E402
 from proxy.cdc import handover  # noqa: E402
 from proxy.cdc.sequences import sync_sequences  # noqa: E402
-from proxy.cdc.sqlconn import Endpoint, resolve_endpoint  # noqa: E402
+from proxy.cdc.sqlconn import Endpoint, SqlConnection, resolve_endpoint  # noqa: E402
 from proxy.config import load_config  # noqa: E402
 from proxy.errors import ClusterError, PgShiftError  # noqa: E402
 from proxy.localpg import LocalCluster, create_cluster, free_port  # noqa: E402
@@ -109,7 +109,7 @@ class CutRun:
     reason: str | None = None
     # the cut's own figures (guarded; from its answer)
     pause_ms: float | None = None
-    drain_ms: float | None = None  # from the pause until nothing ran on the primary (the cut's steps)
+    drain_ms: float | None = None  # from the pause until nothing ran on the primary (the cut's answer)
     held_requests: int | None = None
     wait_p50_ms: float | None = None
     wait_p99_ms: float | None = None
@@ -411,6 +411,12 @@ def wait_drained(client: AdminClient, timeout: float) -> dict[str, Any]:
 # --- one run ---
 
 
+async def _caught_up(source: Endpoint, within: float) -> dict[str, Any]:
+    """The cut's own catch-up check (cdc/handover.py), on a connection of its own."""
+    async with await SqlConnection.connect(source, "pgshift-bench") as src:
+        return await handover.caught_up(src, SLOT, within)
+
+
 def one_run(run: CutRun, args: argparse.Namespace, info: dict[str, str]) -> None:
     token = secrets.token_hex(16)
     env = pgshift_env(token)
@@ -486,8 +492,7 @@ def one_run(run: CutRun, args: argparse.Namespace, info: dict[str, str]) -> None
                 for key in ("pause_ms", "held_requests", "wait_p50_ms", "wait_p99_ms", "wait_max_ms"):
                     setattr(run, key, cut.get(key))
                 run.timings_ms = cut.get("timings_ms", {})
-                if "paused" in run.timings_ms:
-                    run.drain_ms = round(run.timings_ms["paused"] - run.timings_ms.get("begin", 0.0), 2)
+                run.drain_ms = cut.get("drain_ms")  # (the slowest instance's, from the cut's answer)
             except AdminError as exc:  # 409: a guard does not hold (blocked), or another refusal
                 run.result, run.reason = "blocked", str(exc)
                 run.answer = getattr(exc, "data", None)
@@ -529,7 +534,7 @@ def one_run(run: CutRun, args: argparse.Namespace, info: dict[str, str]) -> None
             # The stream still runs old -> new: let it catch up, then stop it (SIGTERM: a clean stop).
             with contextlib.suppress(PgShiftError):
                 source = endpoints(config, token)[0]
-                caught = asyncio.run(handover.caught_up(source, SLOT, args.settle_timeout))
+                caught = asyncio.run(_caught_up(source, args.settle_timeout))
                 if not caught["ok"]:
                     log(f"  the change stream did not catch up: {caught}")
             time.sleep(1.0)  # (what it received, applied: one status interval)

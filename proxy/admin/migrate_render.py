@@ -21,7 +21,8 @@ def cut_lines(cut: dict[str, Any]) -> list[str]:
     out = [head]
     if cut.get("result") in ("done", "aborted"):
         out.append(
-            f"  writes paused {cut.get('pause_ms', 0):g} ms; {cut.get('held_requests', 0)} request(s) waited, "
+            f"  writes paused {cut.get('pause_ms', 0):g} ms (drain {cut.get('drain_ms', 0):g} ms); "
+            f"{cut.get('held_requests', 0)} request(s) waited, "
             f"p50 {cut.get('wait_p50_ms', 0):g} ms, p99 {cut.get('wait_p99_ms', 0):g} ms, "
             f"max {cut.get('wait_max_ms', 0):g} ms"
         )

@@ -96,6 +96,7 @@ class Cut:
         self._t0 = time.monotonic()
         self.paused = False
         self.held = False
+        self.drain_ms = 0.0  # the slowest instance's drain
         self.covered_before = frozenset({plan.target}) if stream and plan.direction == "forward" else frozenset()
 
     def _mark(self, step: str) -> float:
@@ -148,6 +149,7 @@ class Cut:
         # 1-2: pause and drain, and (per instance) the mirror queue to the new primary empty.
         self.paused = True
         answers = await self.coordinator.pause(p.id, request)
+        self.drain_ms = max((float(a.get("drain_ms", 0.0)) for a in answers.instances), default=0.0)
         await self._step("paused", {"ok": answers.ok, "instances": answers.instances})
         if not answers.ok:
             return await self.abort(f"pause: {answers.problem}")
@@ -226,6 +228,7 @@ class Cut:
         )
         return {
             **p.as_dict(),
+            "drain_ms": self.drain_ms,
             "result": "done",
             "version": version,
             "recovered": recovered,
@@ -252,6 +255,7 @@ class Cut:
         await self._step("aborted", {"reason": reason, "notes": notes, "resumed": answers.ok, **pause})
         return {
             **p.as_dict(),
+            "drain_ms": self.drain_ms,
             "result": "aborted",
             "reason": reason,
             "notes": notes,
