@@ -116,7 +116,7 @@ async def release(src: SqlConnection, tgt: SqlConnection, slot: str) -> list[str
         rows = await src.query(f"select pg_replication_slot_advance({quote_literal(slot)}, pg_current_wal_lsn())::text")
         lines.append(f'slot "{slot}" moved to the present ({rows[0][0]}): `pgshift sync start` resumes from there')
     await tgt.query(
-        f"update {STATE_TABLE} set hold = null, phase = 'stopped', process = null, updated_at = now() "
+        f"update {STATE_TABLE} set hold = null, phase = 'released', process = null, updated_at = now() "
         f"where slot = {quote_literal(slot)}"
     )
     lines.append("the change stream is released: start it again with `pgshift sync start`")

@@ -86,7 +86,7 @@ create table if not exists {STATE_TABLE} (
   target text not null,
   publication text not null,
   tables text,                  -- JSON array of the synced tables (quoted, schema-qualified)
-  phase text not null,          -- backfill | streaming | stopped
+  phase text not null,          -- backfill | streaming | stopped | released (by a rollback: start again)
   started_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),  -- heartbeat of the running process
   process text,                 -- host:pid of the running process; NULL when none
@@ -521,7 +521,7 @@ class SyncRun:
         self._state: _State | None = None  # this run's state row writer (its connection may be replaced)
         self._schema_missing: set[str] = set()  # --schema: the tables the check found missing on the target
         self.schema_created: list[str] = []  # --schema: the objects this run created on the target
-        self._was_stopped = False  # the state said "stopped" when this run began (a resume)
+        self._released = False  # a rollback released this stream (migrate): proxies mirror to the target
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -591,7 +591,7 @@ class SyncRun:
     async def _run(self, src: SqlConnection, tgt: SqlConnection, report: CheckReport) -> StartResult:
         o, result = self.options, self.result
         held = await _read_state(tgt, o.slot)
-        self._was_stopped = held is not None and held["phase"] == "stopped"
+        self._released = held is not None and held["phase"] == "released"
         if held is not None and held.get("hold"):
             result.problems.append(
                 f"this stream is held: {held['hold']}. It must not run while {self.target.backend} is the primary; "
@@ -873,7 +873,7 @@ class SyncRun:
         # 0: the slot's confirmed position (the server never goes back further anyway).
         # advance_when_idle: while the published tables are idle, the slot follows the server's
         # WAL instead of holding it back (and the lag reads 0 once everything is applied).
-        if self._was_stopped:
+        if self._released:
             # A proxy that mirrors to the target leaves it to this stream once it sees the stream
             # run (migrate/migrator.py, mirror coverage; it looks every second). Both writing at
             # once would race: the proxy's replay of a relative UPDATE after this stream's row

@@ -25,6 +25,7 @@ from tests.support.migration import (
     APP_TABLES,
     ROOT,
     Load,
+    cli,
     create_schema,
     differing_tables,
     migrate,
@@ -112,8 +113,10 @@ def explain(old: LocalCluster, new: LocalCluster) -> list[Any]:
 
 
 def status(url: str) -> dict[str, Any]:
-    code, data, err = migrate(url, TOKEN, "status")
-    assert code == 0, err
+    """GET /api/migrate (what `pgshift migrate status --json` prints; polled without a CLI start each time)."""
+    answer = httpx.get(url + "/api/migrate", timeout=30)
+    assert answer.status_code == 200, answer.text
+    data: dict[str, Any] = answer.json()
     return data
 
 
@@ -123,13 +126,19 @@ def advance(url: str, *args: str) -> dict[str, Any]:
     return data
 
 
-def ready_for_next(url: str, timeout: float = 60) -> dict[str, Any]:
-    """Wait until every guard of the next step holds (the sampler needs a clean round, the stream a small lag)."""
+def ready_for_next(url: str, timeout: float = 60, stable: float = 1.2) -> dict[str, Any]:
+    """Wait until every guard of the next step holds, and has held for ``stable`` s (a verify
+    round that began before the stream caught up may still end with differences)."""
     seen: list[dict[str, Any]] = []
+    since: list[float] = []
 
     def check() -> dict[str, Any] | None:
         seen[:] = [status(url)]
-        return seen[0] if seen[0]["next"]["ready"] else None
+        if not seen[0]["next"]["ready"]:
+            since.clear()
+            return None
+        since[:] = since or [time.monotonic()]
+        return seen[0] if time.monotonic() - since[0] >= stable else None
 
     try:
         return wait_until(check, timeout, "the next step's guards")  # type: ignore[no-any-return]
@@ -149,8 +158,10 @@ def test_whole_lifecycle_under_load(clusters: TwoClusters, tmp_path: Path, env: 
     syncs: list[Sync] = []
     try:
         # shadow: nothing flows yet; advancing says what to run.
-        s = status(url)
-        assert s["phase"] == "shadow" and s["next"]["step"] == "sync"
+        code, s, err = migrate(url, TOKEN, "status")
+        assert code == 0 and s["phase"] == "shadow" and s["next"]["step"] == "sync", err
+        code, text, err = cli("migrate", "status", "--admin", url)
+        assert code == 0 and "migration old -> new: shadow" in text and "next: sync" in text, err
         code, _, err = migrate(url, TOKEN, "advance")
         assert code == 4 and "pgshift sync start" in err, err
 

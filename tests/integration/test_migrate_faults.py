@@ -423,7 +423,7 @@ def test_killed_after_the_swap_of_a_rollback(clusters: TwoClusters, tmp_path: Pa
         assert steps == ["begin", "paused", "sequences", "swapped", "resumed"], steps
         # Released: the stream may start again from here (`pgshift sync start`).
         assert hold(new) is None
-        assert fetch(new, "select phase from pgshift_sync_state") == "stopped"
+        assert fetch(new, "select phase from pgshift_sync_state") == "released"
 
         written_everywhere(proxy.dsn(), old, new, owner=-4)
         load = Load(proxy.dsn(), sessions=4).start()
