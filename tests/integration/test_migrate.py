@@ -245,3 +245,38 @@ def test_whole_lifecycle_under_load(clusters: TwoClusters, tmp_path: Path, env: 
         assert code == 4 and "decommissioned" in err
     finally:
         proxy.stop()
+
+
+def test_bad_requests_are_refused_with_the_fix(clusters: TwoClusters, tmp_path: Path, env: None) -> None:
+    proxy = ProxyThread(proxy_config(clusters, tmp_path)).start()
+    url = proxy.admin_url
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        wait_until(lambda: httpx.get(url + "/api/migrate", timeout=10).status_code == 200, 10, "migration state")
+        before = status(url)
+        for path, body, message in [
+            ("/api/migrate/advance", {"to": "sideways"}, "unknown phase 'sideways'"),
+            ("/api/migrate/advance", {"to": "150%"}, "0 to 100"),
+            ("/api/migrate/advance", {"read_steps": "1,10"}, "list of percentages"),
+            ("/api/migrate/advance", {"read_steps": [50, 10, 100]}, "must rise from 1 to 100"),
+            ("/api/migrate/advance", {"speed": 3}, "unknown key(s) speed"),
+            ("/api/migrate/advance", [1], "must be a JSON object"),
+            ("/api/migrate/rollback", {"to": ["cut"]}, "phase name or a read share"),
+            ("/api/migrate/decommission", {"report": 7}, "report must be a file path"),
+        ]:
+            answer = httpx.post(url + path, json=body, headers=headers, timeout=10)
+            assert answer.status_code == 400, (path, body, answer.text)
+            assert message in answer.json()["error"]["message"], (path, body, answer.text)
+        answer = httpx.post(url + "/api/migrate/advance", json={}, timeout=10)  # no token
+        assert answer.status_code == 401
+        # A step the phase does not allow says what to run instead; decommission before the cut too.
+        answer = httpx.post(url + "/api/migrate/decommission", json={}, headers=headers, timeout=10)
+        assert answer.status_code == 400 and "comes after the cut" in answer.json()["error"]["message"]
+        answer = httpx.post(url + "/api/migrate/rollback", json={}, headers=headers, timeout=10)
+        assert answer.status_code == 400 and "nothing to roll back" in answer.json()["error"]["message"]
+        code, _, err = cli("migrate", "advance", "--admin", url, "--read-steps", "10,5")
+        assert code == 2 and "steps must rise" in err
+        after = status(url)
+        assert (after["phase"], after["routing_version"]) == (before["phase"], before["routing_version"])
+    finally:
+        proxy.stop()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -274,3 +275,20 @@ def test_rollback_after_the_cut_needs_the_reverse_mirror_and_a_writable_target()
     broken = [{"name": "old", "state": "down", "queued": 5, "lag_seconds": 3.0, "diverged": 0, "out_of_sync_tables": 0}]
     checked = {x.name: x.ok for x in g.rollback_guards(after, facts(mirrors=broken), "old", "new")}
     assert checked == {"mirror old": False, "reverse path": True, "instances": True}
+
+
+def test_migrate_names_declared_backends() -> None:
+    from proxy.config import parse_config
+    from proxy.errors import ConfigError
+
+    document = {
+        "backends": {"old": {"dsn": "postgresql://127.0.0.1:5432"}, "new": {"dsn": "postgresql://127.0.0.1:5433"}},
+        "routing": {"primary": "old"},
+        "migrate": {"target": "nwe"},
+    }
+    with pytest.raises(
+        ConfigError, match=re.escape("migrate.target = 'nwe' is not a backend; declared backends: new, old")
+    ):
+        parse_config(document)
+    with pytest.raises(ConfigError, match="source and target are both"):
+        parse_config({**document, "migrate": {"source": "old", "target": "old"}})
