@@ -668,3 +668,37 @@ def test_writes_inside_functions_are_mirrored_only_when_configured(fresh: TwoClu
         assert rows(fresh.new, "tags") == ([(7, "bumped")] if functions else [])
     finally:
         proxy.stop()
+
+
+def test_statements_prepared_before_dual_write_are_mirrored(fresh: TwoClusters) -> None:
+    """A pool's connection prepared its INSERT (psycopg prepares after 5 runs) before dual write
+    began; then a mirror is added, and later the primary flips: every write through that same
+    prepared statement reaches the other side, with the primary's generated values."""
+    config = routed_config(fresh.old, fresh.new)
+    config["admin"] = {"port": 0, "token": TOKEN}
+    proxy = ProxyThread(config).start()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    insert = "insert into accounts (owner, balance) values (%s, %s) returning id"
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+            for i in range(3):
+                conn.execute(insert, (f"before-{i}", i))  # prepared on old, no mirror yet
+            answer = httpx.patch(proxy.admin_url + "/api/routing", json={"mirrors": ["new"]}, headers=headers)
+            assert answer.status_code == 200, answer.text
+            ids = [conn.execute(insert, (f"after-{i}", 10 + i)).fetchone()[0] for i in range(3)]  # type: ignore[index]
+            wait_applied(proxy)
+            mirrored = [(r[0], r[1]) for r in rows(fresh.new, "accounts")]
+            assert mirrored == [(i, f"after-{n}") for n, i in enumerate(ids)]
+            # After a flip the statement is prepared again on new, with its row image: old (now the
+            # mirror) gets those writes too.
+            answer = httpx.post(proxy.admin_url + "/api/flip", json={"primary": "new"}, headers=headers)
+            assert answer.status_code == 200, answer.text
+            fresh.new.psql("select setval('accounts_id_seq', 1000)")
+            later = conn.execute(insert, ("after-flip", 99)).fetchone()[0]  # type: ignore[index]
+            assert later > 1000
+            wait_applied(proxy)
+            assert (later, "after-flip") in [(r[0], r[1]) for r in rows(fresh.old, "accounts")]
+        status = proxy.running.server.mirror.status()  # type: ignore[union-attr]
+        assert all(m["unmirrored"] == 0 and m["failed"] == 0 for m in status["mirrors"]), status
+    finally:
+        proxy.stop()
