@@ -377,12 +377,7 @@ class Migrator:
             read_steps != sorted(set(read_steps)) or read_steps[-1] != 100 or not all(1 <= s <= 100 for s in read_steps)
         ):
             raise ControlError(f"read steps must rise from 1 to 100, e.g. 1,10,50,100 (not {read_steps})")
-        goal = None
-        if to is not None:
-            try:
-                goal = parse_target(to)
-            except ValueError as exc:
-                raise ControlError(str(exc)) from None
+        goal = _goal(to)
         return await self._run_op(
             f"advance to {goal.label() if goal else 'the next step'}", lambda: self._advance(goal, steps, caller)
         )
@@ -506,12 +501,7 @@ class Migrator:
 
     async def rollback(self, to: str | None, caller: str) -> dict[str, Any]:
         self._ready()
-        goal = None
-        if to is not None:
-            try:
-                goal = parse_target(to)
-            except ValueError as exc:
-                raise ControlError(str(exc)) from None
+        goal = _goal(to)
         return await self._run_op("rollback", lambda: self._rollback(goal, caller))
 
     async def _rollback(self, goal: Step | None, caller: str) -> dict[str, Any]:
@@ -641,3 +631,13 @@ class Migrator:
             "report": str(path),
             "status": await self.status(),
         }
+
+
+def _goal(to: str | None) -> Step | None:
+    """``--to`` of advance and rollback, or None; a typo is a ControlError that lists the phases."""
+    if to is None:
+        return None
+    try:
+        return parse_target(to)
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None
