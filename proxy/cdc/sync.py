@@ -732,7 +732,7 @@ class SyncRun:
                 result.error = None
                 result.exit_code = EXIT_OK
                 self.phase = "stopped"
-                await state.try_update(process=None)
+                await state.try_update(phase="stopped", process=None)
                 result.messages.append(
                     f"the stream was stopped by the cut-over ({cut_hold}); the slot stays until `pgshift migrate "
                     "decommission` drops it, and `pgshift migrate rollback` releases the stream again"
