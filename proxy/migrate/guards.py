@@ -8,7 +8,6 @@ that cannot be read (a database down) is not passed: when in doubt, the migratio
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -266,7 +265,3 @@ def rollback_guards(where: Where, facts: Facts, source: str, target: str) -> lis
     if where.phase is not Phase.REVERSE_WINDOW:
         return [_instances_guard(facts)]
     return [_mirror_guard(facts, source), _writable_guard(facts, target), _instances_guard(facts)]
-
-
-def now() -> float:
-    return time.time()
