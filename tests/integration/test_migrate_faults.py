@@ -352,6 +352,20 @@ def cut_then_restart(clusters: TwoClusters, tmp_path: Path, fault: str) -> tuple
     return proxy, s
 
 
+def rollback_killed_then_restarted(
+    proxy: Any, tmp_path: Path, steps: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`migrate rollback` on a proxy set to die after ``steps[-1]``: it dies there (the journal says
+    so), starts again without the fault, and recovers; the cut as journaled, and the status then."""
+    code, data, err = migrate(proxy.admin_url, TOKEN, "rollback")
+    assert code in (3, 5), f"exit {code}\n{err}\n{data}"
+    assert proxy.wait() == FAULT_EXIT, proxy.log_tail()
+    back, done = stored_cut(tmp_path)
+    assert back["direction"] == "back" and done == steps, (back, done)
+    proxy.start()
+    return back, recovered(proxy.admin_url)
+
+
 @pytest.mark.proxy_subprocess
 def test_killed_during_rollback(clusters: TwoClusters, tmp_path: Path, env: None) -> None:
     """Killed before the swap of a rollback (after "sequences"): the restart undoes it; the cut stays."""
@@ -360,14 +374,7 @@ def test_killed_during_rollback(clusters: TwoClusters, tmp_path: Path, env: None
     url = proxy.admin_url
     load: Load | None = None
     try:
-        code, data, err = migrate(url, TOKEN, "rollback")
-        assert code in (3, 5), f"exit {code}\n{err}\n{data}"
-        assert proxy.wait() == FAULT_EXIT, proxy.log_tail()
-        back, steps = stored_cut(tmp_path)
-        assert back["direction"] == "back" and steps == ["begin", "paused", "sequences"], (back, steps)
-
-        proxy.start()
-        s = recovered(url)
+        back, s = rollback_killed_then_restarted(proxy, tmp_path, ["begin", "paused", "sequences"])
         assert s["phase"] == "reverse-window" and s["primary"] == "new" and s["mirrors"] == ["old"], s
         assert s["routing_version"] == after_cut["routing_version"], s  # nothing was swapped
         last = s["last_cut"]
@@ -402,17 +409,9 @@ def test_killed_after_the_swap_of_a_rollback(clusters: TwoClusters, tmp_path: Pa
     """Killed after the swap of a rollback: the restart finishes it — primary old, the stream released."""
     old, new = clusters.old, clusters.new
     proxy, after_cut = cut_then_restart(clusters, tmp_path, "cut:swapped")
-    url = proxy.admin_url
     load: Load | None = None
     try:
-        code, data, err = migrate(url, TOKEN, "rollback")
-        assert code in (3, 5), f"exit {code}\n{err}\n{data}"
-        assert proxy.wait() == FAULT_EXIT, proxy.log_tail()
-        back, steps = stored_cut(tmp_path)
-        assert back["direction"] == "back" and steps == ["begin", "paused", "sequences", "swapped"], (back, steps)
-
-        proxy.start()
-        s = recovered(url)
+        back, s = rollback_killed_then_restarted(proxy, tmp_path, ["begin", "paused", "sequences", "swapped"])
         assert s["phase"] == "read-shift" and s["read_percent"] == 100, s
         assert s["primary"] == "old" and s["mirrors"] == ["new"], s
         assert s["routing_version"] == after_cut["routing_version"] + 1, s
